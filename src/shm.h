@@ -1,0 +1,20 @@
+/*
+ * shm: the shared arena behind pp_shm_alloc, and the internal calls other
+ * layers make on it.
+ */
+#ifndef PP_SHM_H
+#define PP_SHM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* Makes sure the arena exists in this process (reserving it if needed), so
+ * that processes forked afterwards share it at the same address. Called by
+ * pp_pool_new before it forks. Returns 0 or a negative errno. Thread-safe. */
+int pp__shm_init(void);
+/* True when [p, p + len) lies wholly inside the arena. Cannot fail. */
+bool pp__shm_contains(const void *p, size_t len);
+/* The arena's memfd, or -1 when there is no arena yet (for spawn). */
+int pp__shm_fd(void);
+
+#endif
