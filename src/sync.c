@@ -511,17 +511,24 @@ static bool barrier_dead_party(pp_barrier *b, uint32_t me)
     return false;
 }
 
-/* Takes a free slot to hold while waiting. mu held. */
-static uint32_t barrier_take_slot(pp_barrier *b)
+/* Takes a free slot for waiter `idx` to hold while it waits; *dead is set
+ * when a waiter of this generation is found dead on the way. mu held. */
+static uint32_t barrier_take_slot(pp_barrier *b, uint32_t idx, bool *dead)
 {
     for (uint32_t s = 0; s < 2 * b->parties; s++) {
         int rc = pthread_mutex_trylock(&b->slot[s]);
         if (rc == 0)
             return s;
-        if (rc == EOWNERDEAD) { /* left by a party that died after its wait */
-            pthread_mutex_consistent(&b->slot[s]);
+        if (rc != EOWNERDEAD)
+            continue;
+        pthread_mutex_consistent(&b->slot[s]);
+        bool current = false;
+        for (uint32_t i = 0; i < idx; i++)
+            current = current || b->slot_of[i] == s;
+        if (!current) /* left by a party that died after its wait: reuse it */
             return s;
-        }
+        *dead = true;
+        pthread_mutex_unlock(&b->slot[s]);
     }
     return NO_SLOT; /* more waiting threads than slots: no death watch for us */
 }
@@ -548,8 +555,16 @@ int pp_barrier_wait(pp_barrier *b, double timeout)
         pthread_mutex_unlock(&b->mu);
         return (int)idx;
     }
-    uint32_t slot = barrier_take_slot(b);
+    bool dead = false;
+    uint32_t slot = barrier_take_slot(b, idx, &dead);
     b->slot_of[idx] = slot;
+    if (dead) {
+        barrier_break(b);
+        if (slot != NO_SLOT)
+            pthread_mutex_unlock(&b->slot[slot]);
+        pthread_mutex_unlock(&b->mu);
+        return PP_EBROKEN;
+    }
     uint32_t gen = w >> 1;
     pthread_mutex_unlock(&b->mu);
 

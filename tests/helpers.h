@@ -9,7 +9,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-/* fflush(NULL), then fork(). Aborts the test process if fork fails. */
+/* fflush(NULL), then fork(). Aborts the test process if fork fails. The
+ * child is killed when the test process dies. */
 pid_t th_fork(void);
 /* Reaps pid. Returns its exit code, or 128 + the signal that killed it. */
 int th_wait(pid_t pid);
@@ -23,5 +24,8 @@ long th_recv(int fd);
 /* Sleeps until *word == value (woken through a futex wake, or looks again
  * every millisecond). */
 void th_wait_word(_Atomic uint32_t *word, uint32_t value);
+
+/* Waits until pid sleeps in a futex wait (seen in /proc/PID/wchan). */
+void th_wait_futex_sleep(pid_t pid);
 
 #endif
