@@ -11,7 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "helpers.h"
+#include "proc_helpers.h"
 #include "procpool.h"
 #include "queue.h"
 

@@ -16,7 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "helpers.h"
+#include "proc_helpers.h"
 #include "procpool.h"
 
 #define MiB ((size_t)1 << 20)

@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <unistd.h>
 
-#include "helpers.h"
+#include "proc_helpers.h"
 #include "procpool.h"
 #include "sync.h"
 
