@@ -275,3 +275,102 @@ Test(queue, bad_input_gives_clear_codes, .timeout = 20)
     pp_queue_free(q);
     pp_queue_free(NULL);
 }
+
+/* ---- with the pool ------------------------------------------------------ */
+
+struct qtask {
+    pp_queue *q;
+    _Atomic uint32_t *pid; /* where a task says which process runs it */
+};
+
+static int produce(const void *arg, void *result)
+{
+    const struct qtask *t = arg;
+    (void)result;
+    for (int i = 1; i <= 1000; i++)
+        if (pp_queue_put(t->q, &i, sizeof i, 10) != 0)
+            return 1;
+    return 0;
+}
+
+static int consume(const void *arg, void *result)
+{
+    const struct qtask *t = arg;
+    long *sum = result;
+    for (;;) {
+        int v;
+        size_t len;
+        int rc = pp_queue_get(t->q, &v, sizeof v, &len, 10);
+        if (rc != 0)
+            return pp_fail(1, "get: %d", rc);
+        if (len == 0) /* stop */
+            return 0;
+        *sum += v;
+    }
+}
+
+Test(queue_pool, workers_produce_and_consume, .timeout = 20)
+{
+    struct qtask t = {.q = pp_queue_new(256)};
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 4});
+    cr_assert_not_null(pool);
+    pp_async *c[2], *p[2];
+    for (int i = 0; i < 2; i++) {
+        c[i] = pp_apply_async(pool, consume, &t, sizeof t, sizeof(long), NULL, NULL, NULL);
+        p[i] = pp_apply_async(pool, produce, &t, sizeof t, 0, NULL, NULL, NULL);
+    }
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(pp_async_get(p[i], NULL, -1, NULL), 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(pp_queue_put(t.q, NULL, 0, -1), 0);
+    long total = 0;
+    for (int i = 0; i < 2; i++) {
+        long sum = 0;
+        pp_error err;
+        cr_assert_eq(pp_async_get(c[i], &sum, -1, &err), 0, "%s", err.message);
+        total += sum;
+        pp_async_free(c[i]);
+        pp_async_free(p[i]);
+    }
+    cr_assert_eq(total, 2 * 500500L);
+    pp_pool_free(pool);
+    pp_queue_free(t.q);
+}
+
+static int put_torn(const void *arg, void *result)
+{
+    const struct qtask *t = arg;
+    (void)result;
+    atomic_store(t->pid, (uint32_t)getpid());
+    return pp_queue_put(t->q, "TORN TORN", 10, -1); /* stalls, then is killed */
+}
+
+static int get_one(const void *arg, void *result)
+{
+    const struct qtask *t = arg;
+    size_t len;
+    return -pp_queue_get(t->q, result, 16, &len, 0);
+}
+
+Test(queue_pool, a_worker_killed_mid_put_leaves_the_queue_usable, .timeout = 20)
+{
+    struct qtask t = {.q = pp_queue_new(64), .pid = pp_shm_alloc(sizeof(uint32_t))};
+    struct pp_queue *raw = (struct pp_queue *)t.q;
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    atomic_store(&raw->test_hook, PP_QUEUE_STALL_PUT);
+    pp_async *a = pp_apply_async(pool, put_torn, &t, sizeof t, 0, NULL, NULL, NULL);
+    th_wait_word(&raw->test_hook, PP_QUEUE_STALLED);
+    atomic_store(&raw->test_hook, PP_QUEUE_HOOK_NONE);
+    kill((pid_t)atomic_load(t.pid), SIGKILL);
+    cr_assert_eq(pp_async_get(a, NULL, -1, NULL), PP_ECRASH);
+    pp_async_free(a);
+    char buf[16];
+    pp_error err;
+    cr_assert_eq(pp_apply(pool, get_one, &t, sizeof t, buf, sizeof buf, &err), PP_ETASK);
+    cr_assert_eq(err.status, ETIMEDOUT, "nothing torn was queued");
+    cr_assert_eq(pp_queue_put(t.q, "whole", 6, 0), 0);
+    cr_assert_eq(pp_apply(pool, get_one, &t, sizeof t, buf, sizeof buf, &err), 0);
+    cr_assert_str_eq(buf, "whole");
+    pp_pool_free(pool);
+    pp_queue_free(t.q);
+}

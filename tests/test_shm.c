@@ -292,3 +292,79 @@ Test(shm, big_buffer_filled_in_place_by_children, .timeout = 20)
         cr_assert_eq(buf[i], i < n / 2 ? 1 : 2);
     pp_shm_free(buf);
 }
+
+/* ---- with the pool ------------------------------------------------------ */
+
+struct big_result {
+    unsigned char *p;
+    size_t n;
+};
+
+static int make_big(const void *arg, void *result)
+{
+    size_t n = *(const size_t *)arg;
+    struct big_result *r = result;
+    r->p = pp_shm_alloc(n); /* allocated inside a task, in a worker */
+    if (!r->p)
+        return pp_fail(1, "pp_shm_alloc: errno %d", errno);
+    memset(r->p, 0x5a, n);
+    r->n = n;
+    return 0;
+}
+
+Test(shm_pool, a_worker_allocates_a_result_the_parent_reads_and_frees, .timeout = 20)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_not_null(pool);
+    size_t sizes[4] = {100, 5000, 3 * MiB, 24};
+    struct big_result r[4];
+    pp_error err;
+    cr_assert_eq(pp_map(pool, make_big, sizes, 4, sizeof(size_t), r, sizeof r[0], 1, &err), 0, "%s",
+                 err.message);
+    for (int i = 0; i < 4; i++) {
+        cr_assert_eq(r[i].n, sizes[i]);
+        for (size_t k = 0; k < sizes[i]; k += 97)
+            cr_assert_eq(r[i].p[k], 0x5a);
+        pp_shm_free(r[i].p);
+    }
+    pp_close(pool);
+    pp_join(pool);
+    pp_pool_free(pool);
+}
+
+struct fill_arg {
+    unsigned char *buf; /* in the arena */
+    size_t off, len;
+};
+
+static int fill(const void *arg, void *result)
+{
+    const struct fill_arg *a = arg;
+    (void)result;
+    memset(a->buf + a->off, (int)(a->off >> 24) + 1, a->len);
+    return 0;
+}
+
+Test(shm_pool, pp_map_fills_a_1gib_arena_buffer_in_place, .timeout = 20)
+{
+    const size_t n = 1024 * MiB, piece = 16 * MiB, pieces = n / piece;
+    unsigned char *buf = pp_shm_alloc(n);
+    cr_assert_not_null(buf);
+    struct fill_arg *args = pp_shm_alloc(pieces * sizeof *args);
+    for (size_t i = 0; i < pieces; i++)
+        args[i] = (struct fill_arg){buf, i * piece, piece};
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_not_null(pool);
+    pp_error err;
+    cr_assert_eq(pp_map(pool, fill, args, pieces, sizeof *args, NULL, 0, 0, &err), 0, "%s",
+                 err.message);
+    for (size_t off = 0; off < n; off += 4096)
+        cr_assert_eq(buf[off], (unsigned char)((off >> 24) + 1), "byte %zu", off);
+    pp_close(pool);
+    pp_join(pool);
+    pp_pool_free(pool);
+    long long held = arena_bytes();
+    pp_shm_free(buf);
+    cr_assert_lt(arena_bytes(), held - (long long)(1000 * MiB), "the memory went back");
+    pp_shm_free(args);
+}

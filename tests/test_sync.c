@@ -541,3 +541,102 @@ Test(sync, null_objects_and_bad_arguments, .timeout = 20)
     cr_assert_eq(pp_sem_release(s), -EOVERFLOW);
     pp_sem_free(s);
 }
+
+/* ---- with the pool ------------------------------------------------------ */
+
+struct shared {
+    int *counter;
+    pp_lock *lock;
+    pp_barrier *barrier;
+};
+
+static int add_10000(const void *arg, void *result)
+{
+    const struct shared *s = arg;
+    (void)result;
+    for (int i = 0; i < 10000; i++) {
+        if (pp_lock_acquire(s->lock, -1) != 0)
+            return 1;
+        *s->counter += 1;
+        pp_lock_release(s->lock);
+    }
+    return 0;
+}
+
+Test(sync_pool, four_tasks_add_under_one_lock, .timeout = 20)
+{
+    struct shared s = {.counter = pp_shm_alloc(sizeof(int)), .lock = pp_lock_new()};
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 4});
+    cr_assert_not_null(pool);
+    pp_async *a[4];
+    for (int i = 0; i < 4; i++)
+        cr_assert_not_null(a[i] =
+                               pp_apply_async(pool, add_10000, &s, sizeof s, 0, NULL, NULL, NULL));
+    pp_close(pool);
+    pp_join(pool);
+    for (int i = 0; i < 4; i++) {
+        cr_assert(pp_async_successful(a[i]));
+        pp_async_free(a[i]);
+    }
+    cr_assert_eq(*s.counter, 40000);
+    pp_pool_free(pool);
+}
+
+static int lock_and_die(const void *arg, void *result)
+{
+    const struct shared *s = arg;
+    (void)result;
+    pp_lock_acquire(s->lock, -1);
+    *s->counter = -1; /* a half-done update */
+    raise(SIGKILL);
+    return 0;
+}
+
+static int lock_and_repair(const void *arg, void *result)
+{
+    const struct shared *s = arg;
+    int rc = pp_lock_acquire(s->lock, 10);
+    if (rc == PP_EOWNERDEAD)
+        *s->counter = 0; /* repair */
+    *(int *)result = rc;
+    pp_lock_release(s->lock);
+    return 0;
+}
+
+Test(sync_pool, a_worker_killed_holding_a_lock_does_not_wedge_the_others, .timeout = 20)
+{
+    struct shared s = {.counter = pp_shm_alloc(sizeof(int)), .lock = pp_lock_new()};
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    pp_error err;
+    cr_assert_eq(pp_apply(pool, lock_and_die, &s, sizeof s, NULL, 0, &err), PP_ECRASH);
+    int rc = 1;
+    cr_assert_eq(pp_apply(pool, lock_and_repair, &s, sizeof s, &rc, sizeof rc, &err), 0);
+    cr_assert_eq(rc, PP_EOWNERDEAD, "the next acquirer, in another worker, is told");
+    cr_assert_eq(*s.counter, 0);
+    cr_assert_eq(pp_apply(pool, lock_and_repair, &s, sizeof s, &rc, sizeof rc, &err), 0);
+    cr_assert_eq(rc, 0, "and the lock works normally after");
+    cr_assert_eq(pp_lock_acquire(s.lock, 0), 0, "in the parent too");
+    pp_lock_release(s.lock);
+    pp_pool_free(pool);
+}
+
+static int meet(const void *arg, void *result)
+{
+    const struct shared *s = arg;
+    *(int *)result = pp_barrier_wait(s->barrier, 10);
+    return 0;
+}
+
+Test(sync_pool, workers_meet_at_a_barrier, .timeout = 20)
+{
+    struct shared s = {.barrier = pp_barrier_new(3)};
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 3});
+    struct shared args[3] = {s, s, s};
+    int idx[3] = {-1, -1, -1};
+    pp_error err;
+    cr_assert_eq(pp_map(pool, meet, args, 3, sizeof s, idx, sizeof(int), 1, &err), 0);
+    cr_assert_eq((1 << idx[0]) | (1 << idx[1]) | (1 << idx[2]), 7, "%d %d %d", idx[0], idx[1],
+                 idx[2]);
+    pp_pool_free(pool);
+    pp_barrier_free(s.barrier);
+}
