@@ -600,6 +600,7 @@ void pp__job_cancel_queued(struct pp_job *job)
     job->cancelled = true;
     if (job->iter != NULL) {
         pp__iter_fail_undealt(job->iter, PP_ECANCELED, "cancelled");
+        job->next = job->n; /* nothing of it is left to deal, whatever comes later */
     } else {
         while (job->next < job->n) {
             size_t left = job->n - job->next;

@@ -638,7 +638,7 @@ PP_API int pp_pool_stats(pp_pool *pool, pp_stats *out)
     out->workers = 0;
     uint64_t queued = 0, running = 0;
     for (struct pp_job *job = pool->qhead; job; job = job->qnext)
-        if (job->iter == NULL)
+        if (job->iter == NULL && !job->cancelled)
             queued += job->n - job->next;
     for (size_t i = 0; i < pool->retry.len; i++)
         queued += pool->retry.v[(pool->retry.head + i) % pool->retry.cap].count;
