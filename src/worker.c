@@ -118,8 +118,6 @@ static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const s
         soft_deadline = cfg->soft_timeout_ns ? now + cfg->soft_timeout_ns : 0;
     }
     atomic_store_explicit(&s->cur_item, i, memory_order_release);
-    if (d->result_size)
-        memset(res, 0, d->result_size);
     fail_set = 0;
     int rc = fn(d->arg_size ? arg : NULL, d->result_size ? res : NULL);
     if (rc != 0) {
@@ -144,6 +142,8 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
     if (!atomic_compare_exchange_strong(&d->state, &expect, PP_DESC_CLAIMED))
         return false;
     atomic_store_explicit(&s->busy, 1, memory_order_seq_cst);
+    if (d->result_size) /* every result starts as zero bytes; one memset per chunk */
+        memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
     for (uint32_t i = 0; i < d->count; i++)
         run_item(cfg, s, d, head, i);
     post(cfg->ctl, s, PP_MSG_DONE, head, d->count, 0, NULL);
