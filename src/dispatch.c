@@ -195,7 +195,7 @@ static void dequeue_head(pp_pool *pool)
 static size_t piece_limit(pp_pool *pool, const struct pp_job *job)
 {
     size_t per = job->arg_size + job->result_size;
-    size_t budget = pp__payload_max(&pool->payload) / 4;
+    size_t budget = pool->piece_budget;
     size_t lim = per ? budget / per : SIZE_MAX;
     if (lim > UINT32_MAX)
         lim = UINT32_MAX;

@@ -226,6 +226,7 @@ static int refill(struct pp_iter *it)
         it->taken += got;
         it->job->n += got;
         pool->stats.submitted += got;
+        rec->prev = it->tail;
         if (it->tail)
             it->tail->next = rec;
         else
@@ -246,14 +247,14 @@ static int refill(struct pp_iter *it)
 
 static void unlink_rec(struct pp_iter *it, struct pp_chunkrec *rec)
 {
-    struct pp_chunkrec **pp = &it->head, *prev = NULL;
-    while (*pp != rec) {
-        prev = *pp;
-        pp = &(*pp)->next;
-    }
-    *pp = rec->next;
-    if (it->tail == rec)
-        it->tail = prev;
+    if (rec->prev)
+        rec->prev->next = rec->next;
+    else
+        it->head = rec->next;
+    if (rec->next)
+        rec->next->prev = rec->prev;
+    else
+        it->tail = rec->prev;
     box_of(rec)->o.linked = false;
     pp__iter_rec_maybe_free(rec);
 }

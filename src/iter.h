@@ -8,9 +8,9 @@
 
 /* A chunk of an iterator's items: their arguments, results and states. */
 struct pp_chunkrec {
-    struct pp_chunkrec *next;  /* iterator's list, in input order */
-    struct pp_chunkrec *dnext; /* not yet dealt, in input order */
-    size_t first;              /* input position of item 0 */
+    struct pp_chunkrec *next, *prev; /* iterator list, in input order */
+    struct pp_chunkrec *dnext;       /* not yet dealt, in input order */
+    size_t first;                    /* input position of item 0 */
     uint32_t count;
     uint32_t unreturned;    /* items not yet handed to the caller */
     uint32_t inflight;      /* pieces of it dealt or waiting to be dealt again */

@@ -331,6 +331,7 @@ static int map_control_block(pp_pool *pool)
     pool->ctl->nworkers = (uint32_t)pool->nworkers;
     pool->payload.base = (unsigned char *)p + pool->ctl_bytes;
     pool->payload.size = PAYLOAD_BYTES;
+    pool->piece_budget = pp__payload_max(&pool->payload) / 4;
     return 0;
 }
 

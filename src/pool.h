@@ -113,6 +113,7 @@ struct pp_pool {
     int nworkers;
     struct pp_worker *w;
     struct pp_payload payload;
+    size_t piece_budget; /* payload bytes one piece may take */
 
     struct pp_job *qhead, *qtail; /* jobs with undealt items, oldest first */
     struct pp_retry retry;

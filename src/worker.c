@@ -13,6 +13,7 @@
 
 #include "procpool.h"
 
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -55,10 +56,15 @@ PP_API bool pp_task_should_stop(void)
 /* Waits until the parent posts another entry or asks us to quit. */
 static void wait_for_work(struct pp_slot *s, uint32_t head)
 {
-    for (int spin = 0; spin < 4000; spin++) {
+    /* Spin a little first: more work is usually microseconds away. Yield
+     * now and then, so that on a machine with fewer cores than processes
+     * the parent who deals that work gets the CPU. */
+    for (int spin = 0; spin < 2048; spin++) {
         if (atomic_load_explicit(&s->in_tail, memory_order_acquire) != head ||
             atomic_load_explicit(&s->quit, memory_order_relaxed))
             return;
+        if ((spin & 255) == 255)
+            sched_yield();
         pp__cpu_relax();
     }
     for (;;) {
