@@ -62,13 +62,8 @@ static struct rec_box *box_of(struct pp_chunkrec *rec)
 
 static void rec_free(struct pp_chunkrec *rec)
 {
-    struct rec_box *b = box_of(rec);
-    if (b->o.owns_args)
-        free(rec->args);
-    free(rec->results);
-    free(rec->state);
     free(rec->errs);
-    free(b);
+    free(box_of(rec)); /* states, results and arguments live in the same block */
 }
 
 void pp__iter_rec_maybe_free(struct pp_chunkrec *rec)
@@ -78,28 +73,31 @@ void pp__iter_rec_maybe_free(struct pp_chunkrec *rec)
         rec_free(rec);
 }
 
+static size_t round16(size_t n)
+{
+    return (n + 15) & ~(size_t)15;
+}
+
+/* One allocation per record: the box, then results, arguments (unless they
+ * are read in place from the caller's array) and per-item states. */
 static struct pp_chunkrec *rec_new(struct pp_iter *it, size_t first, size_t cap)
 {
-    struct rec_box *b = calloc(1, sizeof *b);
-    if (b == NULL)
-        return NULL;
-    struct pp_chunkrec *rec = &b->rec;
     size_t a = it->job->arg_size, r = it->job->result_size;
-    b->o.it = it;
-    rec->first = first;
-    rec->state = calloc(cap, 1);
-    rec->results = r ? calloc(cap, r) : NULL;
-    if (it->source != NULL) {
-        b->o.owns_args = true;
-        rec->args = a ? malloc(cap * a) : NULL;
-    } else {
-        rec->args = (unsigned char *)it->array + first * a; /* read in place */
-    }
-    if (rec->state == NULL || (r && rec->results == NULL) ||
-        (b->o.owns_args && a && rec->args == NULL)) {
-        rec_free(rec);
+    bool own_args = it->source != NULL;
+    size_t head = round16(sizeof(struct rec_box));
+    size_t rbytes = round16(cap * r), abytes = own_args ? round16(cap * a) : 0;
+    unsigned char *mem = calloc(1, head + rbytes + abytes + cap);
+    if (mem == NULL)
         return NULL;
-    }
+    struct rec_box *b = (struct rec_box *)mem;
+    struct pp_chunkrec *rec = &b->rec;
+    b->o.it = it;
+    b->o.owns_args = own_args;
+    rec->first = first;
+    rec->results = mem + head;
+    rec->args =
+        own_args ? mem + head + rbytes : (unsigned char *)it->array + first * a; /* read in place */
+    rec->state = mem + head + rbytes + abytes;
     return rec;
 }
 
@@ -349,7 +347,7 @@ static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, pp_source *source, void *stat
                          size_t chunksize, size_t window, bool ordered)
 {
     pp_iter *it = calloc(1, sizeof *it);
-    struct pp_job *job = pp__job_new(pool, fn, 0, arg_size, result_size, chunksize);
+    struct pp_job *job = pp__job_new(pool, fn, 0, arg_size, result_size, chunksize, 0);
     if (it == NULL || job == NULL) {
         free(it);
         free(job);

@@ -37,11 +37,15 @@
 /* ---- jobs ----------------------------------------------------------------- */
 
 struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
-                           size_t chunksize)
+                           size_t chunksize, size_t extra)
 {
-    struct pp_job *job = calloc(1, sizeof *job);
+    size_t head = (sizeof(struct pp_job) + 15) & ~(size_t)15;
+    if (extra > SIZE_MAX - head)
+        return NULL;
+    struct pp_job *job = calloc(1, head + extra);
     if (job == NULL)
         return NULL;
+    job->extra = extra ? (unsigned char *)job + head : NULL;
     job->pool = pool;
     job->fn = fn;
     job->n = n;
@@ -484,7 +488,7 @@ PP_API int pp_map(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t a
     if ((arg_size && n > SIZE_MAX / arg_size) || (result_size && n > SIZE_MAX / result_size))
         return -EINVAL;
     struct pp_job *job = pp__job_new(pool, fn, n, arg_size, result_size,
-                                     chunksize ? chunksize : pp__default_chunksize(pool, n));
+                                     chunksize ? chunksize : pp__default_chunksize(pool, n), 0);
     if (job == NULL)
         return -ENOMEM;
     job->args = args;
@@ -498,7 +502,7 @@ PP_API int pp_apply(pp_pool *pool, pp_fn *fn, const void *arg, size_t arg_size, 
     if (pool == NULL || fn == NULL || (arg == NULL && arg_size != 0) ||
         (result == NULL && result_size != 0))
         return -EINVAL;
-    struct pp_job *job = pp__job_new(pool, fn, 1, arg_size, result_size, 1);
+    struct pp_job *job = pp__job_new(pool, fn, 1, arg_size, result_size, 1, 0);
     if (job == NULL)
         return -ENOMEM;
     job->args = arg;

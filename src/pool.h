@@ -27,6 +27,7 @@ struct pp_job {
     const unsigned char *args;        /* item i at args + i * arg_size (map jobs) */
     unsigned char *results;           /* item i at results + i * result_size (map jobs) */
     void *owned_args, *owned_results; /* freed with the job */
+    unsigned char *extra;             /* bytes allocated with the job itself */
     size_t next;                      /* first item not yet dealt (map jobs) */
     size_t resolved;                  /* items finished, either way */
     size_t nfailed;
@@ -177,14 +178,14 @@ void pp__wake_thread(pp_pool *pool);
 void pp__notify(pp_pool *pool); /* wake every waiter, the poller included */
 void pp__run_callbacks(pp_pool *pool);
 struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
-                           size_t chunksize);
-void pp__job_unref(struct pp_job *job);            /* mu held: drops one ref */
-void pp__job_maybe_free(struct pp_job *job);       /* mu held: frees it if unreferenced */
-int pp__check_submit(pp_pool *pool);               /* 0, PP_ECLOSED or PP_ESPAWN */
-int pp__submit(pp_pool *pool, struct pp_job *job); /* mu held: queue it, deal */
-void pp__handle_gone(pp_pool *pool);               /* mu held: a pp_async/pp_iter was freed */
-bool pp__pool_dead(pp_pool *pool);                 /* freed, and no handle left */
-void pp__pool_destroy(pp_pool *pool);              /* frees the struct itself */
+                           size_t chunksize, size_t extra); /* extra: trailing bytes */
+void pp__job_unref(struct pp_job *job);                     /* mu held: drops one ref */
+void pp__job_maybe_free(struct pp_job *job);                /* mu held: frees it if unreferenced */
+int pp__check_submit(pp_pool *pool);                        /* 0, PP_ECLOSED or PP_ESPAWN */
+int pp__submit(pp_pool *pool, struct pp_job *job);          /* mu held: queue it, deal */
+void pp__handle_gone(pp_pool *pool);  /* mu held: a pp_async/pp_iter was freed */
+bool pp__pool_dead(pp_pool *pool);    /* freed, and no handle left */
+void pp__pool_destroy(pp_pool *pool); /* frees the struct itself */
 size_t pp__default_chunksize(const pp_pool *pool, size_t n);
 
 #endif
