@@ -465,11 +465,15 @@ static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
 {
     struct pp_job *job = d->piece.job;
     pp__copy_out(d, d->copied, d->piece.count, d->res_addr);
-    if (!job->complete) {
+    if (job->cancelled) {
+        /* It stopped cooperatively (or finished) after it was cancelled. */
+        pp__fail_piece(&d->piece, d->nfail, PP_ECANCELED, "cancelled; the task returned");
+    } else if (!job->complete) {
         pp__resolve_ok(job, d->piece.count - d->nfail);
         if (d->piece.rec != NULL)
             pp__iter_ok(d->piece.rec, d->piece.start, d->piece.count);
     }
+    w->cancel_at = 0;
     d->done = true;
     pp__payload_free(&pool->payload, &d->extent);
     w->succeeded = true;
@@ -650,8 +654,12 @@ int pp__job_cancel(struct pp_job *job)
             continue;
         struct pp_dealt *d = &w->dealt[cur & PP_RING_MASK];
         if (d->piece.job == job && !d->done && !d->abandoned) {
+            /* pp_task_should_stop() turns true now; the worker is killed
+             * if the task has not returned within the grace period. */
             atomic_store(&s->stop, 1);
-            pp__kill_worker(pool, id, PP_ECANCELED);
+            w->cancel_seq = cur;
+            w->cancel_at = pp__now_ns() + PP_CANCEL_GRACE_NS;
+            pool->cancels++;
         }
     }
     return 0;
@@ -684,7 +692,7 @@ void pp__pump(pp_pool *pool)
         if (w->state == PP_WS_READY || w->state == PP_WS_EXITING)
             pp__collect(pool, id);
     }
-    if (pool->opts.task_timeout > 0)
+    if (pool->opts.task_timeout > 0 || pool->cancels > 0)
         pp__check_timeouts(pool, now);
     if (!pool->terminated && !pool->broken) {
         deal(pool);

@@ -89,6 +89,8 @@ struct pp_worker {
     uint32_t out_head; /* next outbox position we read */
     int kill_code;     /* why we killed it: PP_ETIMEOUT, PP_ECANCELED, PP_ECLOSED; 0: we did not */
     bool succeeded;    /* finished at least one chunk (crash-loop detection) */
+    int64_t cancel_at; /* kill it then if it still runs the cancelled chunk; 0: none */
+    uint32_t cancel_seq; /* the inbox position of that chunk */
     struct pp_dealt dealt[PP_RING];
 };
 
@@ -115,6 +117,7 @@ struct pp_pool {
     struct pp_worker *w;
     struct pp_payload payload;
     size_t piece_budget; /* payload bytes one piece may take */
+    int cancels;         /* workers in a cancel grace period */
 
     struct pp_job *qhead, *qtail; /* jobs with undealt items, oldest first */
     struct pp_retry retry;
@@ -140,10 +143,11 @@ struct pp_pool {
     pp_stats stats;
 };
 
-#define PP_CRASH_LOOP_LIMIT 8       /* deaths in a row with no chunk finished between */
-#define PP_BUSY_POLL_NS     1000000 /* a poller's longest sleep while workers hold work */
-#define PP_SPIN_NS          20000   /* how long a waiter spins before it sleeps */
-#define PP_ZYGOTE_CHECK_NS  2000000 /* busy pumps read the zygote at least this often */
+#define PP_CRASH_LOOP_LIMIT 8         /* deaths in a row with no chunk finished between */
+#define PP_CANCEL_GRACE_NS  100000000 /* a cancelled task's time to return by itself */
+#define PP_BUSY_POLL_NS     1000000   /* a poller's longest sleep while workers hold work */
+#define PP_SPIN_NS          20000     /* how long a waiter spins before it sleeps */
+#define PP_ZYGOTE_CHECK_NS  2000000   /* busy pumps read the zygote at least this often */
 
 /* dispatch.c: moving work between the books and the rings. */
 void pp__pump(pp_pool *pool);          /* collect, supervise, deal */

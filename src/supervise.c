@@ -211,25 +211,42 @@ void pp__on_zygote(pp_pool *pool)
 
 void pp__check_timeouts(pp_pool *pool, int64_t now)
 {
-    if (pool->opts.task_timeout <= 0)
-        return;
     int64_t limit = (int64_t)(pool->opts.task_timeout * 1e9);
+    int cancels = 0;
     for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_worker *w = &pool->w[id];
         struct pp_slot *s = &pool->ctl->slot[id];
-        if (pool->w[id].state != PP_WS_READY || !atomic_load(&s->busy))
+        if (w->state != PP_WS_READY)
+            continue;
+        bool busy = atomic_load(&s->busy) != 0;
+        if (w->cancel_at != 0) {
+            if (!busy || atomic_load(&s->cur_seq) != w->cancel_seq)
+                w->cancel_at = 0; /* it returned in time */
+            else if (now >= w->cancel_at)
+                pp__kill_worker(pool, id, PP_ECANCELED);
+            else
+                cancels++;
+        }
+        if (limit <= 0 || !busy || w->state != PP_WS_READY)
             continue;
         int64_t start = atomic_load(&s->item_start);
         if (start > 0 && start <= now && now - start > limit)
             pp__kill_worker(pool, id, PP_ETIMEOUT);
     }
+    pool->cancels = cancels;
 }
 
 int64_t pp__next_timeout(pp_pool *pool)
 {
+    int64_t next = PP_FOREVER;
+    for (int id = 0; id < pool->nworkers; id++)
+        if (pool->w[id].cancel_at != 0 && pool->w[id].cancel_at < next)
+            next = pool->w[id].cancel_at;
     if (pool->opts.task_timeout <= 0)
-        return PP_FOREVER;
+        return next;
     int64_t limit = (int64_t)(pool->opts.task_timeout * 1e9);
-    int64_t next = pp__now_ns() + limit;
+    if (pp__now_ns() + limit < next)
+        next = pp__now_ns() + limit;
     for (int id = 0; id < pool->nworkers; id++) {
         struct pp_slot *s = &pool->ctl->slot[id];
         if (pool->w[id].state != PP_WS_READY || !atomic_load(&s->busy))
