@@ -341,6 +341,13 @@ static bool try_post(pp_pool *pool, int id, struct pp_piece *p, uint32_t depth)
 /* Deals until every ready worker holds enough or nothing is left. */
 static void deal(pp_pool *pool)
 {
+    if (pool->retry.len == 0 && pool->qhead == NULL)
+        return;
+    bool room = false;
+    for (int id = 0; id < pool->nworkers && !room; id++)
+        room = pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) < DEPTH_SMALL;
+    if (!room)
+        return;
     struct pp_piece p;
     bool have = next_piece(pool, &p);
     bool *posted = calloc((size_t)pool->nworkers, sizeof *posted);
@@ -667,12 +674,12 @@ int pp__job_cancel(struct pp_job *job)
 
 /* ---- the pump ------------------------------------------------------------- */
 
-bool pp__busy(pp_pool *pool)
+int pp__busy(pp_pool *pool)
 {
+    int busy = 0;
     for (int id = 0; id < pool->nworkers; id++)
-        if (pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) != 0)
-            return true;
-    return false;
+        busy += pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) != 0;
+    return busy;
 }
 
 void pp__pump(pp_pool *pool)

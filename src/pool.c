@@ -227,7 +227,7 @@ int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline)
             rc = -ETIMEDOUT;
             break;
         }
-        if (!spun && pp__busy(pool)) {
+        if (!spun && pp__busy(pool) > 0) {
             spun = true;
             spin_for_activity(pool);
             continue;

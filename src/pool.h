@@ -151,7 +151,7 @@ struct pp_pool {
 
 /* dispatch.c: moving work between the books and the rings. */
 void pp__pump(pp_pool *pool);          /* collect, supervise, deal */
-bool pp__busy(pp_pool *pool);          /* some worker has work in its inbox */
+int pp__busy(pp_pool *pool);           /* how many workers have work in their inbox */
 int64_t pp__poll_until(pp_pool *pool); /* how long a poller may sleep */
 void pp__enqueue(pp_pool *pool, struct pp_job *job);
 void pp__resolve_fail(struct pp_job *job, struct pp_chunkrec *rec, size_t index, int code,
