@@ -182,6 +182,26 @@ void pp__enqueue(pp_pool *pool, struct pp_job *job)
     pool->qtail = job;
 }
 
+/* Takes a job out of the queue wherever it is (cancellation: rare). */
+void pp__dequeue(pp_pool *pool, struct pp_job *job)
+{
+    if (!job->queued)
+        return;
+    struct pp_job *prev = NULL;
+    for (struct pp_job *j = pool->qhead; j != NULL; prev = j, j = j->qnext) {
+        if (j != job)
+            continue;
+        if (prev)
+            prev->qnext = j->qnext;
+        else
+            pool->qhead = j->qnext;
+        if (pool->qtail == j)
+            pool->qtail = prev;
+        break;
+    }
+    job->queued = false;
+}
+
 static void dequeue_head(pp_pool *pool)
 {
     struct pp_job *job = pool->qhead;
@@ -612,6 +632,7 @@ void pp__job_cancel_queued(struct pp_job *job)
 {
     pp_pool *pool = job->pool;
     job->cancelled = true;
+    pp__dequeue(pool, job);
     if (job->iter != NULL) {
         pp__iter_fail_undealt(job->iter, PP_ECANCELED, "cancelled");
         job->next = job->n; /* nothing of it is left to deal, whatever comes later */

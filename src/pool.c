@@ -71,6 +71,7 @@ void pp__job_maybe_free(struct pp_job *job)
 {
     if (job->refs > 0 || job->inflight > 0)
         return;
+    pp__dequeue(job->pool, job); /* never left behind in the queue */
     if (job->aprev) {
         *job->aprev = job->anext;
         if (job->anext)

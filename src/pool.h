@@ -154,6 +154,7 @@ void pp__pump(pp_pool *pool);          /* collect, supervise, deal */
 int pp__busy(pp_pool *pool);           /* how many workers have work in their inbox */
 int64_t pp__poll_until(pp_pool *pool); /* how long a poller may sleep */
 void pp__enqueue(pp_pool *pool, struct pp_job *job);
+void pp__dequeue(pp_pool *pool, struct pp_job *job);
 void pp__resolve_fail(struct pp_job *job, struct pp_chunkrec *rec, size_t index, int code,
                       int status, const char *text);
 void pp__resolve_ok(struct pp_job *job, size_t count);
