@@ -192,6 +192,9 @@ static int pull(struct pp_iter *it, unsigned char *dst, size_t idx)
 static int refill(struct pp_iter *it)
 {
     pp_pool *pool = it->pool;
+    bool added = false;
+    if (pool->ctl == NULL) /* the pool was freed: nothing more is taken */
+        it->source_done = true;
     while (!it->source_done && it->taken - it->returned < it->window) {
         if (pool->terminated || pool->broken) {
             it->source_done = true;
@@ -236,8 +239,10 @@ static int refill(struct pp_iter *it)
             it->dhead = rec;
         it->dtail = rec;
         pp__enqueue(pool, it->job);
+        added = true;
     }
-    pp__pump(pool);
+    if (added)
+        pp__pump(pool);
     return 0;
 }
 
