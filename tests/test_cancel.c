@@ -132,12 +132,12 @@ Test(cancel, queued_task_never_runs, .init = setup, .fini = teardown, .timeout =
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     cr_assert_not_null(pool);
     int hold = HOLD, mark = MARK;
-    pp_async *running = pp_apply_async(pool, task, &hold, sizeof hold, sizeof(struct res), NULL,
-                                       NULL, NULL);
+    pp_async *running =
+        pp_apply_async(pool, task, &hold, sizeof hold, sizeof(struct res), NULL, NULL, NULL);
     wait_flag(&sh->started, 1);
     struct seen seen = {0};
-    pp_async *queued = pp_apply_async(pool, task, &mark, sizeof mark, sizeof(struct res), on_ok,
-                                      on_err, &seen);
+    pp_async *queued =
+        pp_apply_async(pool, task, &mark, sizeof mark, sizeof(struct res), on_ok, on_err, &seen);
     cr_assert_not_null(queued);
 
     cr_assert_eq(pp_async_cancel(queued), 0);
@@ -373,8 +373,8 @@ Test(cancel, cancel_then_free_at_once, .init = setup, .fini = teardown, .timeout
     wait_flag(&sh->started, 1);
     enum { N = 500 };
     int *in = calloc(N, sizeof *in);
-    pp_async *a = pp_map_async(pool, task, in, N, sizeof in[0], sizeof(struct res), 1, NULL, NULL,
-                               NULL);
+    pp_async *a =
+        pp_map_async(pool, task, in, N, sizeof in[0], sizeof(struct res), 1, NULL, NULL, NULL);
     cr_assert_eq(pp_async_cancel(a), 0);
     pp_async_free(a);
     free(in);
@@ -459,8 +459,8 @@ Test(cancel, soft_timeout_lets_a_task_return_cleanly, .init = setup, .fini = tea
     int until_stop = UNTIL_STOP;
     struct res r;
     pp_error err;
-    cr_assert_eq(pp_apply(pool, task, &until_stop, sizeof until_stop, &r, sizeof r, &err), 0,
-                 "%s", err.message);
+    cr_assert_eq(pp_apply(pool, task, &until_stop, sizeof until_stop, &r, sizeof r, &err), 0, "%s",
+                 err.message);
     cr_assert_eq(r.first_stop, 0, "false when the task began");
     cr_assert_gt(r.polls, 0);
     cr_assert_eq(r.value, UNTIL_STOP * 10 + 7, "its own result");
