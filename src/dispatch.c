@@ -31,7 +31,7 @@
 void pp__job_settle(struct pp_job *job)
 {
     pp_pool *pool = job->pool;
-    if (job->complete || job->resolved < job->n || job->iter != NULL)
+    if (job->complete || job->resolved < job->n || job->streaming)
         return;
     job->complete = true;
     if (!job->orphaned && (job->callback != NULL || job->error_callback != NULL)) {
@@ -504,7 +504,7 @@ static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
     d->done = true;
     pp__payload_free(&pool->payload, &d->extent);
     w->succeeded = true;
-    pool->consecutive_deaths = 0;
+    w->early_deaths = 0;
     pp__job_settle(job);
     pp__piece_release(pool, &d->piece);
 }
@@ -564,6 +564,24 @@ bool pp__collect(pp_pool *pool, int id)
 
 /* ---- failing what is pending ---------------------------------------------- */
 
+/* Fails the unresolved items of every dealt entry (of `job`, or of all jobs
+ * when it is NULL). The entries stay, abandoned, until their workers answer
+ * or die: only then are their payload blocks free for reuse. */
+static void abandon_dealt(pp_pool *pool, struct pp_job *job, int code, const char *why)
+{
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_worker *w = &pool->w[id];
+        for (uint32_t pos = w->retired; pos != w->tail; pos++) {
+            struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+            if (d->done || d->withdrawn || d->abandoned || (job && d->piece.job != job))
+                continue;
+            pp__fail_piece(&d->piece, d->nfail, code, why);
+            d->abandoned = true;
+            pp__job_settle(d->piece.job);
+        }
+    }
+}
+
 void pp__fail_pending(pp_pool *pool, int code, const char *why)
 {
     struct pp_piece p;
@@ -591,17 +609,7 @@ void pp__fail_pending(pp_pool *pool, int code, const char *why)
         }
         pp__job_settle(job);
     }
-    for (int id = 0; id < pool->nworkers; id++) {
-        struct pp_worker *w = &pool->w[id];
-        for (uint32_t pos = w->retired; pos != w->tail; pos++) {
-            struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
-            if (d->done || d->withdrawn || d->abandoned)
-                continue;
-            pp__fail_piece(&d->piece, d->nfail, code, why);
-            d->abandoned = true; /* payload and hold stay until the worker is gone */
-            pp__job_settle(d->piece.job);
-        }
-    }
+    abandon_dealt(pool, NULL, code, why);
 }
 
 /* ---- cancelling ------------------------------------------------------------ */
@@ -672,20 +680,19 @@ int pp__job_cancel(struct pp_job *job)
     if (job->complete)
         return -EALREADY;
     pp__job_cancel_queued(job);
+    /* What is left of it in the inboxes was claimed: it is running, or about
+     * to. pp_task_should_stop() turns true there; past the grace period the
+     * worker is killed (pp__check_timeouts). */
     for (int id = 0; id < pool->nworkers; id++) {
         struct pp_worker *w = &pool->w[id];
-        struct pp_slot *s = &pool->ctl->slot[id];
-        if (w->state != PP_WS_READY || !atomic_load(&s->busy))
+        if (w->state != PP_WS_READY)
             continue;
-        uint32_t cur = atomic_load(&s->cur_seq);
-        if (cur - w->retired >= w->tail - w->retired)
-            continue;
-        struct pp_dealt *d = &w->dealt[cur & PP_RING_MASK];
-        if (d->piece.job == job && !d->done && !d->abandoned) {
-            /* pp_task_should_stop() turns true now; the worker is killed
-             * if the task has not returned within the grace period. */
-            atomic_store(&s->stop, 1);
-            w->cancel_seq = cur;
+        for (uint32_t pos = w->retired; pos != w->tail; pos++) {
+            struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+            if (d->piece.job != job || d->done || d->withdrawn || d->abandoned)
+                continue;
+            atomic_store(&pool->ctl->slot[id].stop, 1);
+            w->cancel_seq = pos;
             w->cancel_at = pp__now_ns() + PP_CANCEL_GRACE_NS;
             pool->cancels++;
         }

@@ -34,6 +34,7 @@ struct pp_iter {
     size_t array_n;
     size_t window, chunksize;
     size_t taken, returned;
+    size_t undealt; /* items in records not dealt yet */
     bool source_done;
     struct pp_chunkrec *head, *tail;   /* records not fully handed back, in order */
     struct pp_chunkrec *dhead, *dtail; /* records not dealt yet */
@@ -103,11 +104,17 @@ static struct pp_chunkrec *rec_new(struct pp_iter *it, size_t first, size_t cap)
 
 /* ---- dispatcher hooks (mu held) ------------------------------------------------ */
 
+size_t pp__iter_undealt(const struct pp_iter *it)
+{
+    return it->undealt;
+}
+
 bool pp__iter_take(struct pp_iter *it, struct pp_piece *p)
 {
     struct pp_chunkrec *rec = it->dhead;
     if (rec == NULL)
         return false;
+    it->undealt -= rec->count;
     it->dhead = rec->dnext;
     if (it->dhead == NULL)
         it->dtail = NULL;
@@ -171,6 +178,7 @@ void pp__iter_fail_undealt(struct pp_iter *it, int code, const char *why)
     struct pp_chunkrec *rec;
     while ((rec = it->dhead) != NULL) {
         it->dhead = rec->dnext;
+        it->undealt -= rec->count;
         for (uint32_t i = 0; i < rec->count; i++)
             pp__resolve_fail(it->job, rec, rec->first + i, code, 0, why);
     }
@@ -238,6 +246,7 @@ static int refill(struct pp_iter *it)
         else
             it->dhead = rec;
         it->dtail = rec;
+        it->undealt += got;
         pp__enqueue(pool, it->job);
         added = true;
     }
@@ -361,6 +370,7 @@ static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, pp_source *source, void *stat
     }
     job->refs = 1; /* only the handle: an iterator's job is never "ready" */
     job->iter = it;
+    job->streaming = true;
     *it = (pp_iter){.pool = pool,
                     .job = job,
                     .ordered = ordered,
@@ -432,7 +442,7 @@ PP_API void pp_iter_free(pp_iter *it)
     pp_pool *pool = it->pool;
     pthread_mutex_lock(&pool->mu);
     struct pp_job *job = it->job;
-    if (pool->ctl != NULL)
+    if (pool->ctl != NULL) /* what runs now finishes, and counts as cancelled */
         pp__job_cancel_queued(job);
     /* Undealt records are ours alone; dealt ones go when their work ends. */
     struct pp_chunkrec *rec = it->head, *next;
@@ -443,7 +453,6 @@ PP_API void pp_iter_free(pp_iter *it)
         pp__iter_rec_maybe_free(rec);
     }
     job->iter = NULL;
-    job->complete = true; /* late answers for it are dropped */
     pp__job_unref(job);
     pp__handle_gone(pool);
     bool dead = pp__pool_dead(pool);

@@ -576,7 +576,7 @@ static bool drained(void *arg)
         return false;
     for (struct pp_job *job = pool->all; job; job = job->anext)
         if (job->in_callbacks || job->inflight > 0 ||
-            (job->iter == NULL && job->complete && !job->ready))
+            (!job->streaming && job->complete && !job->ready))
             return false;
     return true;
 }
@@ -702,22 +702,26 @@ PP_API int pp_pool_stats(pp_pool *pool, pp_stats *out)
     out->workers = 0;
     uint64_t queued = 0, running = 0;
     for (struct pp_job *job = pool->qhead; job; job = job->qnext)
-        if (job->iter == NULL && !job->cancelled)
-            queued += job->n - job->next;
+        if (!job->cancelled)
+            queued += job->iter ? pp__iter_undealt(job->iter) : job->n - job->next;
     for (size_t i = 0; i < pool->retry.len; i++)
         queued += pool->retry.v[(pool->retry.head + i) % pool->retry.cap].count;
     for (int id = 0; pool->ctl && id < pool->nworkers; id++) {
         struct pp_worker *w = &pool->w[id];
         if (w->state == PP_WS_READY || w->state == PP_WS_STARTING)
             out->workers++;
+        uint32_t cur = atomic_load(&pool->ctl->slot[id].cur_seq);
+        bool busy = atomic_load(&pool->ctl->slot[id].busy) && w->state == PP_WS_READY;
         for (uint32_t pos = w->retired; pos != w->tail; pos++) {
             struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
-            if (!d->done && !d->withdrawn && !d->abandoned)
-                queued += d->piece.count;
-        }
-        if (atomic_load(&pool->ctl->slot[id].busy) && w->state == PP_WS_READY) {
-            running++;
-            queued--;
+            if (d->done || d->withdrawn || d->abandoned)
+                continue;
+            uint32_t left = d->piece.count - d->nfail; /* failed items are counted */
+            if (busy && pos == cur && left > 0) {
+                running++;
+                left--;
+            }
+            queued += left;
         }
     }
     out->queued = queued;

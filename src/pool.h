@@ -43,6 +43,7 @@ struct pp_job {
     pp_error_callback *error_callback;
     void *userdata;
     struct pp_iter *iter; /* set for iterator jobs */
+    bool streaming;       /* an iterator job: never complete, no pool hold */
     struct pp_job *qnext; /* the pool's queue of jobs with undealt items */
     bool queued;
     struct pp_job *cbnext;         /* the pool's list of callbacks to run */
@@ -89,8 +90,10 @@ struct pp_worker {
     uint32_t out_head; /* next outbox position we read */
     int kill_code;     /* why we killed it: PP_ETIMEOUT, PP_ECANCELED, PP_ECLOSED; 0: we did not */
     bool succeeded;    /* finished at least one chunk (crash-loop detection) */
-    int64_t cancel_at; /* kill it then if it still runs the cancelled chunk; 0: none */
-    uint32_t cancel_seq; /* the inbox position of that chunk */
+    unsigned early_deaths; /* deaths in a row of this slot's workers before any chunk */
+    bool given_up;         /* crash loop: this slot is not replaced any more */
+    int64_t cancel_at;     /* kill it then if it still runs the cancelled chunk; 0: none */
+    uint32_t cancel_seq;   /* the inbox position of that chunk */
     struct pp_dealt dealt[PP_RING];
 };
 
@@ -132,13 +135,12 @@ struct pp_pool {
     int live;    /* worker processes not yet reaped */
     bool poller; /* a thread sleeps in poll() for the pool */
     pthread_t poller_thread;
-    bool poller_is_background;   /* the library thread polls for nobody in particular */
-    int waiters;                 /* threads inside pp__wait */
-    bool zygote_said;            /* poll() saw the zygote socket readable */
-    int64_t zygote_checked;      /* when pp__on_zygote last read it */
-    bool progress;               /* the current pump resolved something */
-    unsigned consecutive_deaths; /* deaths of workers that never finished a chunk */
-    pthread_t thread;            /* the library thread: callbacks, background pumping */
+    bool poller_is_background; /* the library thread polls for nobody in particular */
+    int waiters;               /* threads inside pp__wait */
+    bool zygote_said;          /* poll() saw the zygote socket readable */
+    int64_t zygote_checked;    /* when pp__on_zygote last read it */
+    bool progress;             /* the current pump resolved something */
+    pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
     pp_stats stats;
 };
@@ -161,7 +163,7 @@ void pp__resolve_ok(struct pp_job *job, size_t count);
 void pp__job_settle(struct pp_job *job); /* complete when every item resolved */
 void pp__fail_pending(pp_pool *pool, int code, const char *why);
 void pp__job_cancel_queued(struct pp_job *job); /* undealt and unclaimed work fails */
-int pp__job_cancel(struct pp_job *job);         /* and running items: workers killed */
+int pp__job_cancel(struct pp_job *job);         /* and running items: stop asked, then killed */
 void pp__retry_push_front(pp_pool *pool, struct pp_piece p);
 void pp__copy_out(struct pp_dealt *d, uint32_t from, uint32_t to, const unsigned char *res);
 bool pp__collect(pp_pool *pool, int id);
