@@ -172,7 +172,10 @@ static size_t resident_bytes(void)
 
 static _Noreturn void leave(int status)
 {
-    fflush(NULL); /* what tasks printed is not lost; the parent's buffers were empty */
+    /* What tasks printed is not lost. Only the standard streams: a FILE the
+     * parent had open may still hold the parent's bytes, never ours to write. */
+    fflush(stdout);
+    fflush(stderr);
     _exit(status);
 }
 

@@ -23,6 +23,8 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdio.h>
+#include <stdio_ext.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -192,6 +194,10 @@ int pp__zygote_start(const struct pp_worker_cfg *cfg, int nworkers, pid_t *pid, 
     pid_t parent = getpid();
     pid_t z = fork();
     if (z == 0) {
+        /* Another thread may have written into stdio between the caller's
+         * fflush and the fork: those bytes are the parent's to write. */
+        __fpurge(stdout);
+        __fpurge(stderr);
         close(sv[0]);
         setpgid(0, 0); /* not in the terminal's foreground group: Ctrl-C is the parent's */
         signal(SIGINT, SIG_IGN);
