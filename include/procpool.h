@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 #if defined(__GNUC__)
-#define PP_API __attribute__((visibility("default")))
+#define PP_API          __attribute__((visibility("default")))
 #define PP_PRINTF(f, a) __attribute__((format(printf, f, a)))
 #else
 #define PP_API
@@ -51,16 +51,16 @@ typedef int pp_fn(const void *arg, void *result);
 PP_API int pp_fail(int status, const char *fmt, ...) PP_PRINTF(2, 3);
 
 enum {                         /* the library's own codes; all negative, distinct from -errno */
-    PP_ETASK      = -10001,    /* the task returned non-zero                           */
-    PP_ECRASH     = -10002,    /* the worker died while running it (signal in status)  */
-    PP_ETIMEOUT   = -10003,    /* the task ran past options.task_timeout and was killed */
-    PP_ECLOSED    = -10004,    /* the pool was closed or terminated                    */
-    PP_EOWNERDEAD = -10005,    /* lock acquired, but its last holder died holding it   */
-    PP_ECANCELED  = -10006,    /* the task was cancelled (pp_async_cancel)             */
-    PP_EBROKEN    = -10007,    /* a barrier broken by a timeout or a dead party        */
-    PP_ESPAWN     = -10008,    /* workers kept dying before finishing any task, so the
+       PP_ETASK = -10001,      /* the task returned non-zero                           */
+       PP_ECRASH = -10002,     /* the worker died while running it (signal in status)  */
+       PP_ETIMEOUT = -10003,   /* the task ran past options.task_timeout and was killed */
+       PP_ECLOSED = -10004,    /* the pool was closed or terminated                    */
+       PP_EOWNERDEAD = -10005, /* lock acquired, but its last holder died holding it   */
+       PP_ECANCELED = -10006,  /* the task was cancelled (pp_async_cancel)             */
+       PP_EBROKEN = -10007,    /* a barrier broken by a timeout or a dead party        */
+       PP_ESPAWN = -10008,     /* workers kept dying before finishing any task, so the
                                   pool stopped replacing them (a crash loop)           */
-    PP_ENOTFOUND  = -10009,    /* a function pointer that no loaded object contains    */
+       PP_ENOTFOUND = -10009,  /* a function pointer that no loaded object contains    */
 };
 
 /* Names any code this library returns (its own and negative errno values).
@@ -68,28 +68,28 @@ enum {                         /* the library's own codes; all negative, distinc
 PP_API const char *pp_strerror(int code);
 
 typedef struct pp_error {
-    int code;             /* PP_ETASK, PP_ECRASH, PP_ETIMEOUT, ...                 */
-    int status;           /* the task's return value, or the signal that killed it */
-    size_t index;         /* the item (map / imap) that failed; lowest one for map */
-    size_t failed;        /* how many items failed (map)                          */
-    char message[256];    /* from pp_fail, or written by the library              */
+    int code;          /* PP_ETASK, PP_ECRASH, PP_ETIMEOUT, ...                 */
+    int status;        /* the task's return value, or the signal that killed it */
+    size_t index;      /* the item (map / imap) that failed; lowest one for map */
+    size_t failed;     /* how many items failed (map)                          */
+    char message[256]; /* from pp_fail, or written by the library              */
 } pp_error;
 
 enum { PP_START_FORK = 0, PP_START_SPAWN = 1 };
 enum { PP_BACKEND_LOCAL = 0, PP_BACKEND_MPI = 1 };
 
-typedef struct pp_options {              /* zero = default, so (pp_options){.workers = 4} works */
-    int workers;                         /* 0: number of online CPUs                        */
-    int (*initializer)(void *initarg);   /* runs once in every worker, before tasks;
-                                            non-zero fails the worker                      */
+typedef struct pp_options {            /* zero = default, so (pp_options){.workers = 4} works */
+    int workers;                       /* 0: number of online CPUs                        */
+    int (*initializer)(void *initarg); /* runs once in every worker, before tasks;
+                                          non-zero fails the worker                      */
     void *initarg;
-    unsigned long max_tasks_per_child;   /* 0: no limit; then the worker is replaced */
-    double task_timeout;                 /* seconds; 0: none. Past it: kill, PP_ETIMEOUT   */
-    double task_soft_timeout;            /* seconds: after it pp_task_should_stop() is true */
-    size_t max_memory_per_child;         /* bytes of resident memory: past it, after a task,
-                                            the worker is replaced; 0: no limit           */
-    int start;                           /* PP_START_FORK (0, default) | PP_START_SPAWN     */
-    int backend;                         /* PP_BACKEND_LOCAL (0, default) | PP_BACKEND_MPI  */
+    unsigned long max_tasks_per_child; /* 0: no limit; then the worker is replaced */
+    double task_timeout;               /* seconds; 0: none. Past it: kill, PP_ETIMEOUT   */
+    double task_soft_timeout;          /* seconds: after it pp_task_should_stop() is true */
+    size_t max_memory_per_child;       /* bytes of resident memory: past it, after a task,
+                                          the worker is replaced; 0: no limit           */
+    int start;                         /* PP_START_FORK (0, default) | PP_START_SPAWN     */
+    int backend;                       /* PP_BACKEND_LOCAL (0, default) | PP_BACKEND_MPI  */
 } pp_options;
 
 /* Creates a pool and waits until every worker has run its initializer.
@@ -136,10 +136,9 @@ typedef void pp_error_callback(const pp_error *err, void *userdata);
 PP_API pp_async *pp_apply_async(pp_pool *pool, pp_fn *fn, const void *arg, size_t arg_size,
                                 size_t result_size, pp_callback *callback,
                                 pp_error_callback *error_callback, void *userdata);
-PP_API pp_async *pp_map_async(pp_pool *pool, pp_fn *fn, const void *args, size_t n,
-                              size_t arg_size, size_t result_size, size_t chunksize,
-                              pp_callback *callback, pp_error_callback *error_callback,
-                              void *userdata);
+PP_API pp_async *pp_map_async(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t arg_size,
+                              size_t result_size, size_t chunksize, pp_callback *callback,
+                              pp_error_callback *error_callback, void *userdata);
 /* 0 when ready, -ETIMEDOUT if not ready in time. */
 PP_API int pp_async_wait(pp_async *a, double timeout);
 /* Waits, then copies the result(s) (result_size, or n * result_size for a
@@ -245,8 +244,8 @@ typedef int pp_source(void *state, void *arg); /* fill *arg: 1 = an item, 0 = en
  * The source is called only from pp_imap_source and pp_iter_next, in the
  * caller's thread. window 0 chooses a default. */
 PP_API pp_iter *pp_imap_source(pp_pool *pool, pp_fn *fn, pp_source *source, void *state,
-                               size_t arg_size, size_t result_size, size_t chunksize,
-                               size_t window, bool ordered);
+                               size_t arg_size, size_t result_size, size_t chunksize, size_t window,
+                               bool ordered);
 
 typedef struct pp_stats {
     uint64_t submitted, completed, failed, crashed, timed_out, cancelled, respawned;

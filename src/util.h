@@ -13,9 +13,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define PP_INTERNAL __attribute__((visibility("hidden")))
+#define PP_INTERNAL  __attribute__((visibility("hidden")))
 #define PP_CACHELINE 64
-#define PP_FOREVER INT64_MAX
+#define PP_FOREVER   INT64_MAX
 
 /* Monotonic clock in nanoseconds. Cannot fail. */
 int64_t pp__now_ns(void);

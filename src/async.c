@@ -1,0 +1,178 @@
+/*
+ * async: pp_apply_async / pp_map_async and the pp_async handle (Python's
+ * AsyncResult and MapResult).
+ *
+ * DESIGN: a pp_async is a job of the parent's books with its arguments
+ * copied at submission (the caller may reuse its buffer at once) and its
+ * results kept in memory the job owns, so the callback, pp_async_get and a
+ * late reader all see the same bytes. The handle and the pool each hold a
+ * reference; whichever lets go last frees the job.
+ */
+#include "pool.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct pp_async {
+    struct pp_job *job;
+};
+
+static pp_async *submit_async(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t arg_size,
+                              size_t result_size, size_t chunksize, pp_callback *callback,
+                              pp_error_callback *error_callback, void *userdata)
+{
+    if (pool == NULL || fn == NULL || (args == NULL && arg_size != 0 && n != 0) ||
+        (arg_size && n > SIZE_MAX / arg_size) || (result_size && n > SIZE_MAX / result_size)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    pp_async *a = calloc(1, sizeof *a);
+    struct pp_job *job = pp__job_new(pool, fn, n, arg_size, result_size, chunksize);
+    size_t abytes = n * arg_size, rbytes = n * result_size;
+    void *argcopy = abytes ? malloc(abytes) : NULL;
+    void *results = rbytes ? calloc(n, result_size) : NULL;
+    if (a == NULL || job == NULL || (abytes && argcopy == NULL) || (rbytes && results == NULL)) {
+        free(a);
+        free(job);
+        free(argcopy);
+        free(results);
+        errno = ENOMEM;
+        return NULL;
+    }
+    if (argcopy)
+        memcpy(argcopy, args, abytes);
+    job->args = job->owned_args = argcopy;
+    job->results = job->owned_results = results;
+    job->callback = callback;
+    job->error_callback = error_callback;
+    job->userdata = userdata;
+    a->job = job;
+    pthread_mutex_lock(&pool->mu);
+    int rc = pp__submit(pool, job);
+    pthread_mutex_unlock(&pool->mu);
+    if (rc < 0) {
+        free(argcopy);
+        free(results);
+        free(job);
+        free(a);
+        errno = rc == PP_ECLOSED ? ESHUTDOWN : ECHILD;
+        return NULL;
+    }
+    return a;
+}
+
+PP_API pp_async *pp_apply_async(pp_pool *pool, pp_fn *fn, const void *arg, size_t arg_size,
+                                size_t result_size, pp_callback *callback,
+                                pp_error_callback *error_callback, void *userdata)
+{
+    return submit_async(pool, fn, arg, 1, arg_size, result_size, 1, callback, error_callback,
+                        userdata);
+}
+
+PP_API pp_async *pp_map_async(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t arg_size,
+                              size_t result_size, size_t chunksize, pp_callback *callback,
+                              pp_error_callback *error_callback, void *userdata)
+{
+    if (pool != NULL && chunksize == 0)
+        chunksize = pp__default_chunksize(pool, n);
+    return submit_async(pool, fn, args, n, arg_size, result_size, chunksize, callback,
+                        error_callback, userdata);
+}
+
+static bool ready(void *arg)
+{
+    return ((struct pp_job *)arg)->ready;
+}
+
+PP_API int pp_async_wait(pp_async *a, double timeout)
+{
+    if (a == NULL)
+        return -EINVAL;
+    pp_pool *pool = a->job->pool;
+    pthread_mutex_lock(&pool->mu);
+    int rc = a->job->ready ? 0 : pp__wait(pool, ready, a->job, pp__deadline(timeout));
+    pthread_mutex_unlock(&pool->mu);
+    return rc;
+}
+
+PP_API int pp_async_get(pp_async *a, void *result, double timeout, pp_error *err)
+{
+    if (a == NULL || (result == NULL && a->job->result_size != 0 && a->job->n != 0))
+        return -EINVAL;
+    int rc = pp_async_wait(a, timeout);
+    if (rc < 0)
+        return rc;
+    struct pp_job *job = a->job;
+    /* Ready: nothing writes the job any more. */
+    size_t rbytes = job->n * job->result_size;
+    if (rbytes != 0)
+        memcpy(result, job->results, rbytes);
+    if (err != NULL) {
+        if (job->nfailed)
+            *err = job->err;
+        else
+            memset(err, 0, sizeof *err);
+    }
+    return job->nfailed ? job->err.code : 0;
+}
+
+PP_API bool pp_async_ready(pp_async *a)
+{
+    if (a == NULL)
+        return false;
+    pp_pool *pool = a->job->pool;
+    pthread_mutex_lock(&pool->mu);
+    if (!a->job->ready && pool->ctl != NULL)
+        pp__pump(pool);
+    bool r = a->job->ready;
+    pthread_mutex_unlock(&pool->mu);
+    return r;
+}
+
+PP_API bool pp_async_successful(pp_async *a)
+{
+    if (a == NULL || !pp_async_ready(a))
+        return false;
+    return a->job->nfailed == 0;
+}
+
+static bool not_in_callbacks(void *arg)
+{
+    return !((struct pp_job *)arg)->in_callbacks;
+}
+
+PP_API int pp_async_cancel(pp_async *a)
+{
+    if (a == NULL)
+        return -EINVAL;
+    pp_pool *pool = a->job->pool;
+    pthread_mutex_lock(&pool->mu);
+    int rc = pp__job_cancel(a->job);
+    pthread_mutex_unlock(&pool->mu);
+    return rc;
+}
+
+PP_API void pp_async_free(pp_async *a)
+{
+    if (a == NULL)
+        return;
+    struct pp_job *job = a->job;
+    pp_pool *pool = job->pool;
+    pthread_mutex_lock(&pool->mu);
+    if (!job->ready) {
+        job->orphaned = true; /* no callback starts from now on */
+        if (pool->ctl != NULL)
+            pp__job_cancel_queued(job);
+        /* One that has started finishes first, unless we are inside it. */
+        if (job->in_callbacks && !pthread_equal(pthread_self(), pool->thread))
+            pp__wait(pool, not_in_callbacks, job, PP_FOREVER);
+    }
+    pp__job_unref(job);
+    pp__handle_gone(pool);
+    bool dead = pp__pool_dead(pool);
+    pthread_mutex_unlock(&pool->mu);
+    if (dead)
+        pp__pool_destroy(pool);
+    free(a);
+}

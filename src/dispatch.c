@@ -1,0 +1,671 @@
+/*
+ * dispatch: moving work between the parent's books and the workers' rings.
+ *
+ * DESIGN: pp__pump is the one place where the parent touches the control
+ * block. It reads what the zygote said (deaths, see supervise.c), drains
+ * every outbox, kills tasks past their time limit, then deals: idle
+ * workers first, then every worker topped up to a few chunks, and when
+ * nothing is left to deal, a chunk still waiting behind a busy worker is
+ * withdrawn and handed to an idle one. Any thread that holds pool->mu may
+ * pump; which one does is irrelevant to correctness.
+ *
+ * Nothing read from shared memory is trusted: a message names an inbox
+ * position, which must be one we dealt and have not settled, and an item,
+ * which must lie inside that chunk; result bytes are copied from the place
+ * we chose for them, never from an address a worker wrote.
+ */
+#include "iter.h"
+#include "pool.h"
+#include "shm.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DEPTH_SMALL 32 /* inbox depth for chunks that fit inline */
+#define DEPTH_LARGE 2
+
+/* ---- resolution ------------------------------------------------------- */
+
+void pp__job_settle(struct pp_job *job)
+{
+    pp_pool *pool = job->pool;
+    if (job->complete || job->resolved < job->n || job->iter != NULL)
+        return;
+    job->complete = true;
+    if (!job->orphaned && (job->callback != NULL || job->error_callback != NULL)) {
+        job->cbnext = NULL;
+        if (pool->cbtail)
+            pool->cbtail->cbnext = job;
+        else
+            pool->cbhead = job;
+        pool->cbtail = job;
+        pp__wake_thread(pool);
+        return;
+    }
+    job->ready = true;
+    pthread_cond_broadcast(&pool->cond);
+    pp__job_unref(job); /* the pool's hold */
+}
+
+static void count_failure(pp_pool *pool, int code)
+{
+    if (code == PP_ECRASH)
+        pool->stats.crashed++;
+    else if (code == PP_ETIMEOUT)
+        pool->stats.timed_out++;
+    else if (code == PP_ECANCELED)
+        pool->stats.cancelled++;
+    else
+        pool->stats.failed++;
+}
+
+void pp__resolve_fail(struct pp_job *job, struct pp_chunkrec *rec, size_t index, int code,
+                      int status, const char *text)
+{
+    if (job->complete)
+        return;
+    pp_error e = {.code = code, .status = status, .index = index};
+    snprintf(e.message, sizeof e.message, "%s", text ? text : pp_strerror(code));
+    job->resolved++;
+    job->nfailed++;
+    if (job->nfailed == 1 || index < job->err.index)
+        job->err = e;
+    job->err.failed = job->nfailed;
+    count_failure(job->pool, code);
+    if (rec != NULL)
+        pp__iter_fail(rec, index, &e);
+}
+
+void pp__resolve_ok(struct pp_job *job, size_t count)
+{
+    job->resolved += count;
+    job->pool->stats.completed += count;
+}
+
+/* Fails every item of `p` that has not been resolved yet; `already` of them
+ * were (FAIL messages). The lowest failing index is the piece's start. */
+void pp__fail_piece(struct pp_piece *p, uint32_t already, int code, const char *why)
+{
+    struct pp_job *job = p->job;
+    if (job->complete)
+        return;
+    if (p->rec != NULL) {
+        for (uint32_t i = 0; i < p->count; i++)
+            if (p->rec->state[p->start - p->rec->first + i] == PP_ITEM_PENDING)
+                pp__resolve_fail(job, p->rec, p->start + i, code, 0, why);
+        return;
+    }
+    size_t left = p->count - already;
+    if (left == 0)
+        return;
+    pp__resolve_fail(job, NULL, p->start, code, 0, why);
+    job->resolved += left - 1;
+    job->nfailed += left - 1;
+    job->err.failed = job->nfailed;
+    for (size_t i = 1; i < left; i++)
+        count_failure(job->pool, code);
+}
+
+/* ---- pieces --------------------------------------------------------------- */
+
+void pp__piece_hold(struct pp_piece *p)
+{
+    p->job->inflight++;
+    if (p->rec != NULL)
+        p->rec->inflight++;
+}
+
+void pp__piece_release(pp_pool *pool, struct pp_piece *p)
+{
+    (void)pool;
+    p->job->inflight--;
+    if (p->rec != NULL) {
+        p->rec->inflight--;
+        pp__iter_rec_maybe_free(p->rec);
+    }
+    pp__job_maybe_free(p->job);
+}
+
+/* ---- the retry ring ----------------------------------------------------- */
+
+void pp__retry_push_front(pp_pool *pool, struct pp_piece p)
+{
+    struct pp_retry *r = &pool->retry;
+    if (r->len == r->cap) {
+        size_t cap = r->cap ? r->cap * 2 : 64;
+        struct pp_piece *v = malloc(cap * sizeof *v);
+        if (v == NULL) { /* cannot requeue: fail it rather than lose it */
+            pp__fail_piece(&p, 0, -ENOMEM, "out of memory requeueing work");
+            pp__job_settle(p.job);
+            pp__piece_release(pool, &p);
+            return;
+        }
+        for (size_t i = 0; i < r->len; i++)
+            v[i] = r->v[(r->head + i) % r->cap];
+        free(r->v);
+        r->v = v;
+        r->cap = cap;
+        r->head = 0;
+    }
+    r->head = (r->head + r->cap - 1) % r->cap;
+    r->v[r->head] = p;
+    r->len++;
+}
+
+static bool retry_pop(pp_pool *pool, struct pp_piece *p)
+{
+    struct pp_retry *r = &pool->retry;
+    if (r->len == 0)
+        return false;
+    *p = r->v[r->head];
+    r->head = (r->head + 1) % r->cap;
+    r->len--;
+    return true;
+}
+
+/* ---- the job queue ------------------------------------------------------ */
+
+void pp__enqueue(pp_pool *pool, struct pp_job *job)
+{
+    if (job->queued)
+        return;
+    job->queued = true;
+    job->qnext = NULL;
+    if (pool->qtail)
+        pool->qtail->qnext = job;
+    else
+        pool->qhead = job;
+    pool->qtail = job;
+}
+
+static void dequeue_head(pp_pool *pool)
+{
+    struct pp_job *job = pool->qhead;
+    pool->qhead = job->qnext;
+    if (pool->qhead == NULL)
+        pool->qtail = NULL;
+    job->queued = false;
+}
+
+/* The most items of one job that fit a piece's payload budget. */
+static size_t piece_limit(pp_pool *pool, const struct pp_job *job)
+{
+    size_t per = job->arg_size + job->result_size;
+    size_t budget = pp__payload_max(&pool->payload) / 4;
+    size_t lim = per ? budget / per : SIZE_MAX;
+    if (lim > UINT32_MAX)
+        lim = UINT32_MAX;
+    return lim ? lim : 1;
+}
+
+/* Takes the next piece to run: requeued work first, then jobs in order. */
+static bool next_piece(pp_pool *pool, struct pp_piece *p)
+{
+    bool got;
+    while ((got = retry_pop(pool, p)) && p->job->cancelled) {
+        pp__fail_piece(p, 0, PP_ECANCELED, "cancelled");
+        pp__job_settle(p->job);
+        pp__piece_release(pool, p);
+    }
+    if (!got) {
+        for (;;) {
+            struct pp_job *job = pool->qhead;
+            if (job == NULL)
+                return false;
+            if (job->iter != NULL) {
+                if (!job->cancelled && pp__iter_take(job->iter, p))
+                    break;
+                dequeue_head(pool);
+                continue;
+            }
+            if (job->cancelled || job->next >= job->n) {
+                dequeue_head(pool);
+                continue;
+            }
+            size_t count = job->chunksize;
+            if (count > job->n - job->next)
+                count = job->n - job->next;
+            *p = (struct pp_piece){.job = job, .start = job->next, .count = (uint32_t)count};
+            job->next += count;
+            pp__piece_hold(p);
+            break;
+        }
+    }
+    size_t lim = piece_limit(pool, p->job);
+    if (p->count > lim) { /* too big for the payload area: split it */
+        struct pp_piece rest = *p;
+        rest.start += lim;
+        rest.count -= (uint32_t)lim;
+        p->count = (uint32_t)lim;
+        pp__piece_hold(&rest);
+        pp__retry_push_front(pool, rest);
+    }
+    return true;
+}
+
+/* ---- posting -------------------------------------------------------------- */
+
+static const unsigned char *piece_args(const struct pp_piece *p)
+{
+    const struct pp_job *job = p->job;
+    if (p->rec != NULL)
+        return p->rec->args + (p->start - p->rec->first) * job->arg_size;
+    return job->args + p->start * job->arg_size;
+}
+
+static unsigned char *piece_results(const struct pp_piece *p)
+{
+    const struct pp_job *job = p->job;
+    if (p->rec != NULL)
+        return p->rec->results + (p->start - p->rec->first) * job->result_size;
+    return job->results + p->start * job->result_size;
+}
+
+static size_t round16(size_t n)
+{
+    return (n + 15) & ~(size_t)15;
+}
+
+/* Writes piece `p` into worker `id`'s next inbox entry. Arguments and
+ * results already in the shared arena cross with no copy; the rest is
+ * copied into the entry itself or into a payload block. Returns 0, or
+ * -ENOMEM when no payload block is free now (nothing was posted). */
+static int post(pp_pool *pool, int id, const struct pp_piece *p)
+{
+    struct pp_worker *w = &pool->w[id];
+    struct pp_slot *s = &pool->ctl->slot[id];
+    uint32_t pos = w->tail, i = pos & PP_RING_MASK;
+    const struct pp_job *job = p->job;
+    size_t abytes = p->count * job->arg_size, rbytes = p->count * job->result_size;
+    const unsigned char *src = piece_args(p);
+    unsigned char *dst = piece_results(p);
+    bool args_direct = abytes == 0 || pp__shm_contains(src, abytes);
+    bool res_direct = rbytes == 0 || pp__shm_contains(dst, rbytes);
+    size_t need = (args_direct ? 0 : round16(abytes)) + (res_direct ? 0 : rbytes);
+
+    struct pp_dealt *d = &w->dealt[i];
+    *d = (struct pp_dealt){.piece = *p};
+    unsigned char *buf = s->inl[i];
+    if (need > PP_INLINE) {
+        if (pp__payload_alloc(&pool->payload, need, &d->extent) < 0)
+            return -ENOMEM;
+        buf = d->extent.p;
+    }
+    const unsigned char *args = src;
+    if (!args_direct) {
+        memcpy(buf, src, abytes);
+        args = buf;
+        buf += round16(abytes);
+    }
+    d->res_addr = res_direct ? dst : buf;
+    d->results_in_place = res_direct;
+
+    struct pp_desc *desc = &s->in[i];
+    desc->count = p->count;
+    desc->fn = (uint64_t)(uintptr_t)job->fn;
+    desc->args = (uint64_t)(uintptr_t)args;
+    desc->results = (uint64_t)(uintptr_t)d->res_addr;
+    desc->arg_size = job->arg_size;
+    desc->result_size = job->result_size;
+    atomic_store_explicit(&desc->state, PP_DESC_POSTED, memory_order_relaxed);
+    atomic_store_explicit(&s->in_tail, pos + 1, memory_order_release);
+    w->tail = pos + 1;
+    return 0;
+}
+
+static uint32_t pending(const struct pp_worker *w)
+{
+    return w->tail - w->retired;
+}
+
+static uint32_t depth_for(const struct pp_piece *p)
+{
+    const struct pp_job *job = p->job;
+    size_t bytes = p->count * (job->arg_size + job->result_size);
+    return (bytes <= PP_INLINE && p->count <= 16) ? DEPTH_SMALL : DEPTH_LARGE;
+}
+
+/* Posts `p` to worker `id` if its inbox takes it. */
+static bool try_post(pp_pool *pool, int id, struct pp_piece *p, uint32_t depth)
+{
+    struct pp_worker *w = &pool->w[id];
+    if (w->state != PP_WS_READY || pending(w) >= depth || pending(w) >= PP_RING)
+        return false;
+    return post(pool, id, p) == 0;
+}
+
+/* Deals until every ready worker holds enough or nothing is left. */
+static void deal(pp_pool *pool)
+{
+    struct pp_piece p;
+    bool have = next_piece(pool, &p);
+    bool *posted = calloc((size_t)pool->nworkers, sizeof *posted);
+    /* Idle workers first. */
+    for (int id = 0; have && id < pool->nworkers; id++)
+        if (pending(&pool->w[id]) == 0 && try_post(pool, id, &p, 1)) {
+            if (posted)
+                posted[id] = true;
+            have = next_piece(pool, &p);
+        }
+    /* Then one more each, round after round, up to the depth. */
+    bool progress = true;
+    while (have && progress) {
+        progress = false;
+        for (int id = 0; have && id < pool->nworkers; id++)
+            if (try_post(pool, id, &p, depth_for(&p))) {
+                if (posted)
+                    posted[id] = true;
+                progress = true;
+                have = next_piece(pool, &p);
+            }
+    }
+    if (have)
+        pp__retry_push_front(pool, p);
+    for (int id = 0; id < pool->nworkers; id++)
+        if (posted == NULL || posted[id])
+            if (pool->w[id].state == PP_WS_READY)
+                pp__ring_wake_worker(&pool->ctl->slot[id]);
+    free(posted);
+}
+
+/* Takes back the newest unclaimed entry of the busiest worker, for an idle
+ * one. Only entries the worker has not claimed can be taken (CAS). */
+static bool withdraw_one(pp_pool *pool, int idle)
+{
+    int victim = -1;
+    uint32_t most = 1;
+    for (int id = 0; id < pool->nworkers; id++)
+        if (id != idle && pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) > most) {
+            most = pending(&pool->w[id]);
+            victim = id;
+        }
+    if (victim < 0)
+        return false;
+    struct pp_worker *w = &pool->w[victim];
+    struct pp_slot *s = &pool->ctl->slot[victim];
+    for (uint32_t pos = w->tail - 1; pos != w->retired - 1; pos--) {
+        struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+        if (d->done || d->withdrawn)
+            continue;
+        uint32_t expect = PP_DESC_POSTED;
+        if (!atomic_compare_exchange_strong(&s->in[pos & PP_RING_MASK].state, &expect,
+                                            PP_DESC_WITHDRAWN))
+            return false; /* it is running, and so is everything older */
+        d->withdrawn = true;
+        pp__payload_free(&pool->payload, &d->extent);
+        pp__retry_push_front(pool, d->piece);
+        return true;
+    }
+    return false;
+}
+
+static void balance(pp_pool *pool)
+{
+    if (pool->retry.len != 0 || pool->qhead != NULL)
+        return;
+    for (int id = 0; id < pool->nworkers; id++) {
+        if (pool->w[id].state != PP_WS_READY || pending(&pool->w[id]) != 0)
+            continue;
+        if (!withdraw_one(pool, id))
+            return;
+        deal(pool);
+    }
+}
+
+/* ---- collecting ----------------------------------------------------------- */
+
+void pp__copy_out(struct pp_dealt *d, uint32_t from, uint32_t to, const unsigned char *res)
+{
+    struct pp_job *job = d->piece.job;
+    size_t r = job->result_size;
+    if (d->results_in_place || r == 0 || to <= from || job->complete)
+        return;
+    unsigned char *dst = piece_results(&d->piece);
+    memcpy(dst + from * r, res + from * r, (to - from) * r);
+}
+
+/* Retires settled entries from the oldest, so their slots can be reused. */
+static void retire(pp_pool *pool, int id)
+{
+    struct pp_worker *w = &pool->w[id];
+    uint32_t head = atomic_load_explicit(&pool->ctl->slot[id].in_head, memory_order_acquire);
+    while (w->retired != w->tail) {
+        struct pp_dealt *d = &w->dealt[w->retired & PP_RING_MASK];
+        if (d->withdrawn && (int32_t)(head - w->retired) <= 0)
+            break; /* the worker may still be looking at it */
+        if (!d->done && !d->withdrawn)
+            break;
+        w->retired++;
+    }
+}
+
+/* The entry a message names, if it names one we dealt and have not settled. */
+static struct pp_dealt *lookup(struct pp_worker *w, uint32_t seq)
+{
+    if (seq - w->retired >= w->tail - w->retired)
+        return NULL;
+    struct pp_dealt *d = &w->dealt[seq & PP_RING_MASK];
+    return d->done || d->withdrawn ? NULL : d;
+}
+
+/* An abandoned entry's items were already failed; when its worker answers or
+ * dies, only its payload and its hold on the job remain to give back. */
+void pp__release_abandoned(pp_pool *pool, struct pp_dealt *d)
+{
+    d->done = true;
+    pp__payload_free(&pool->payload, &d->extent);
+    pp__piece_release(pool, &d->piece);
+}
+
+static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
+{
+    struct pp_job *job = d->piece.job;
+    pp__copy_out(d, 0, d->piece.count, d->res_addr);
+    if (!job->complete) {
+        pp__resolve_ok(job, d->piece.count - d->nfail);
+        if (d->piece.rec != NULL)
+            pp__iter_ok(d->piece.rec, d->piece.start, d->piece.count);
+    }
+    d->done = true;
+    pp__payload_free(&pool->payload, &d->extent);
+    w->succeeded = true;
+    pool->consecutive_deaths = 0;
+    pp__job_settle(job);
+    pp__piece_release(pool, &d->piece);
+}
+
+static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *m)
+{
+    struct pp_dealt *d = lookup(w, m->seq);
+    if (d == NULL)
+        return; /* stale or forged */
+    if (d->abandoned) {
+        if (m->kind == PP_MSG_DONE)
+            pp__release_abandoned(pool, d);
+    } else if (m->kind == PP_MSG_DONE) {
+        settle_done(pool, w, d);
+    } else if (m->kind == PP_MSG_FAIL && m->item < d->piece.count &&
+               (d->nfail == 0 || m->item > d->last_fail)) {
+        char text[PP_MSG_TEXT];
+        memcpy(text, m->text, sizeof text);
+        text[sizeof text - 1] = '\0';
+        d->nfail++;
+        d->last_fail = m->item;
+        pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + m->item, PP_ETASK, m->status,
+                         text);
+    }
+}
+
+/* Reads worker `id`'s outbox to its end. Returns false if the worker broke
+ * the outbox's books (then it is killed as a crashed worker). */
+bool pp__collect(pp_pool *pool, int id)
+{
+    struct pp_worker *w = &pool->w[id];
+    struct pp_slot *s = &pool->ctl->slot[id];
+    uint32_t tail = atomic_load_explicit(&s->out_tail, memory_order_acquire);
+    if (tail - w->out_head > PP_RING) {
+        if (w->state == PP_WS_READY || w->state == PP_WS_STARTING)
+            pp__kill_worker(pool, id, PP_ECRASH);
+        return false;
+    }
+    if (tail == w->out_head)
+        return true;
+    while (w->out_head != tail) {
+        struct pp_msg m;
+        memcpy(&m, &s->out[w->out_head & PP_RING_MASK], sizeof m);
+        w->out_head++;
+        on_message(pool, w, &m);
+    }
+    atomic_store_explicit(&s->out_head, w->out_head, memory_order_release);
+    if (atomic_load(&s->sleeping)) /* it may be waiting for outbox room */
+        pp__ring_wake_worker(s);
+    retire(pool, id);
+    return true;
+}
+
+/* ---- failing what is pending ---------------------------------------------- */
+
+void pp__fail_pending(pp_pool *pool, int code, const char *why)
+{
+    struct pp_piece p;
+    while (retry_pop(pool, &p)) {
+        pp__fail_piece(&p, 0, code, why);
+        pp__job_settle(p.job);
+        pp__piece_release(pool, &p);
+    }
+    while (pool->qhead != NULL) {
+        struct pp_job *job = pool->qhead;
+        dequeue_head(pool);
+        if (job->iter != NULL) {
+            pp__iter_fail_undealt(job->iter, code, why);
+        } else if (job->next < job->n) {
+            struct pp_piece rest = {
+                .job = job, .start = job->next, .count = (uint32_t)(job->n - job->next)};
+            size_t left = job->n - job->next;
+            job->next = job->n;
+            while (left > 0) { /* count may exceed 32 bits */
+                rest.count = (uint32_t)(left > UINT32_MAX ? UINT32_MAX : left);
+                pp__fail_piece(&rest, 0, code, why);
+                rest.start += rest.count;
+                left -= rest.count;
+            }
+        }
+        pp__job_settle(job);
+    }
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_worker *w = &pool->w[id];
+        for (uint32_t pos = w->retired; pos != w->tail; pos++) {
+            struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+            if (d->done || d->withdrawn || d->abandoned)
+                continue;
+            pp__fail_piece(&d->piece, d->nfail, code, why);
+            d->abandoned = true; /* payload and hold stay until the worker is gone */
+            pp__job_settle(d->piece.job);
+        }
+    }
+}
+
+/* ---- cancelling ------------------------------------------------------------ */
+
+/* Takes back every entry of `job` that no worker has claimed yet. */
+static void withdraw_job(pp_pool *pool, struct pp_job *job)
+{
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_worker *w = &pool->w[id];
+        struct pp_slot *s = &pool->ctl->slot[id];
+        for (uint32_t pos = w->retired; pos != w->tail; pos++) {
+            struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+            if (d->done || d->withdrawn || d->abandoned || d->piece.job != job)
+                continue;
+            uint32_t expect = PP_DESC_POSTED;
+            if (!atomic_compare_exchange_strong(&s->in[pos & PP_RING_MASK].state, &expect,
+                                                PP_DESC_WITHDRAWN))
+                continue;
+            d->withdrawn = true;
+            pp__payload_free(&pool->payload, &d->extent);
+            pp__fail_piece(&d->piece, 0, PP_ECANCELED, "cancelled");
+            pp__piece_release(pool, &d->piece);
+        }
+    }
+}
+
+void pp__job_cancel_queued(struct pp_job *job)
+{
+    pp_pool *pool = job->pool;
+    job->cancelled = true;
+    if (job->iter != NULL) {
+        pp__iter_fail_undealt(job->iter, PP_ECANCELED, "cancelled");
+    } else {
+        while (job->next < job->n) {
+            size_t left = job->n - job->next;
+            struct pp_piece rest = {.job = job,
+                                    .start = job->next,
+                                    .count = (uint32_t)(left > UINT32_MAX ? UINT32_MAX : left)};
+            job->next += rest.count;
+            pp__fail_piece(&rest, 0, PP_ECANCELED, "cancelled");
+        }
+    }
+    /* Its pieces in the retry ring are dropped when they come up. */
+    size_t n = pool->retry.len;
+    for (size_t i = 0; i < n; i++) {
+        struct pp_piece p;
+        retry_pop(pool, &p);
+        if (p.job != job) {
+            pool->retry.v[(pool->retry.head + pool->retry.len) % pool->retry.cap] = p;
+            pool->retry.len++;
+            continue;
+        }
+        pp__fail_piece(&p, 0, PP_ECANCELED, "cancelled");
+        pp__piece_release(pool, &p);
+    }
+    withdraw_job(pool, job);
+    pp__job_settle(job);
+}
+
+int pp__job_cancel(struct pp_job *job)
+{
+    pp_pool *pool = job->pool;
+    if (job->complete || job->ready || pool->ctl == NULL)
+        return -EALREADY;
+    pp__pump(pool);
+    if (job->complete)
+        return -EALREADY;
+    pp__job_cancel_queued(job);
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_worker *w = &pool->w[id];
+        struct pp_slot *s = &pool->ctl->slot[id];
+        if (w->state != PP_WS_READY || !atomic_load(&s->busy))
+            continue;
+        uint32_t cur = atomic_load(&s->cur_seq);
+        if (cur - w->retired >= w->tail - w->retired)
+            continue;
+        struct pp_dealt *d = &w->dealt[cur & PP_RING_MASK];
+        if (d->piece.job == job && !d->done && !d->abandoned) {
+            atomic_store(&s->stop, 1);
+            pp__kill_worker(pool, id, PP_ECANCELED);
+        }
+    }
+    return 0;
+}
+
+/* ---- the pump ------------------------------------------------------------- */
+
+void pp__pump(pp_pool *pool)
+{
+    pp__on_zygote(pool);
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_worker *w = &pool->w[id];
+        if (w->state == PP_WS_STARTING && atomic_load(&pool->ctl->slot[id].state) == PP_W_READY)
+            w->state = PP_WS_READY;
+        if (w->state == PP_WS_READY || w->state == PP_WS_EXITING)
+            pp__collect(pool, id);
+    }
+    if (pool->opts.task_timeout > 0 || pool->opts.task_soft_timeout > 0)
+        pp__check_timeouts(pool, pp__now_ns());
+    if (!pool->terminated && !pool->broken) {
+        deal(pool);
+        balance(pool);
+    }
+}

@@ -1,0 +1,35 @@
+/*
+ * errors: names for every code the library returns.
+ */
+#include "procpool.h"
+
+#include <string.h>
+
+PP_API const char *pp_strerror(int code)
+{
+    switch (code) {
+    case 0:
+        return "success";
+    case PP_ETASK:
+        return "the task returned non-zero";
+    case PP_ECRASH:
+        return "the worker died while running the task";
+    case PP_ETIMEOUT:
+        return "the task ran past its time limit and was killed";
+    case PP_ECLOSED:
+        return "the pool was closed or terminated";
+    case PP_EOWNERDEAD:
+        return "lock acquired, but its last holder died holding it";
+    case PP_ECANCELED:
+        return "the task was cancelled";
+    case PP_EBROKEN:
+        return "the barrier is broken";
+    case PP_ESPAWN:
+        return "workers kept dying before finishing any task; the pool stopped replacing them";
+    case PP_ENOTFOUND:
+        return "the function is in no loaded object";
+    }
+    if (code < 0 && code > -4096)
+        return strerror(-code); /* glibc's table is static: safe to return */
+    return "unknown procpool error code";
+}

@@ -1,0 +1,451 @@
+/*
+ * iter: pp_imap, pp_imap_unordered and pp_imap_source.
+ *
+ * DESIGN: an iterator is one job whose items arrive in chunk records, each
+ * holding the arguments, results and states of `chunksize` consecutive
+ * items. Items are taken from the source only while fewer than `window`
+ * are taken and not yet handed back, so a lazy source over any number of
+ * items runs in constant memory; pp_imap over an array is the same with an
+ * array source (whose arguments are read in place, not copied). The
+ * source is called only in the caller's thread, never under the pool's
+ * lock, so it may do anything. In order, the next item to hand back always
+ * lies in the oldest record; unordered, finished items wait in a FIFO.
+ */
+#include "iter.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DEFAULT_WINDOW_MIN 1024
+
+struct ready_item {
+    struct pp_chunkrec *rec;
+    uint32_t i;
+};
+
+struct pp_iter {
+    pp_pool *pool;
+    struct pp_job *job;
+    bool ordered;
+    pp_source *source; /* NULL: the array below */
+    void *state;
+    const unsigned char *array;
+    size_t array_n;
+    size_t window, chunksize;
+    size_t taken, returned;
+    bool source_done;
+    struct pp_chunkrec *head, *tail;   /* records not fully handed back, in order */
+    struct pp_chunkrec *dhead, *dtail; /* records not dealt yet */
+    struct ready_item *rq;             /* unordered: finished, not handed back */
+    size_t rq_head, rq_len, rq_cap;
+};
+
+/* ---- records ---------------------------------------------------------------- */
+
+struct rec_owner {
+    struct pp_iter *it; /* NULL once the iterator is gone */
+    bool linked;
+    bool owns_args;
+};
+
+/* The record's owner data sits right before it, to keep iter.h small. */
+struct rec_box {
+    struct rec_owner o;
+    struct pp_chunkrec rec;
+};
+
+static struct rec_box *box_of(struct pp_chunkrec *rec)
+{
+    return (struct rec_box *)((char *)rec - offsetof(struct rec_box, rec));
+}
+
+static void rec_free(struct pp_chunkrec *rec)
+{
+    struct rec_box *b = box_of(rec);
+    if (b->o.owns_args)
+        free(rec->args);
+    free(rec->results);
+    free(rec->state);
+    free(rec->errs);
+    free(b);
+}
+
+void pp__iter_rec_maybe_free(struct pp_chunkrec *rec)
+{
+    struct rec_box *b = box_of(rec);
+    if (!b->o.linked && rec->inflight == 0)
+        rec_free(rec);
+}
+
+static struct pp_chunkrec *rec_new(struct pp_iter *it, size_t first, size_t cap)
+{
+    struct rec_box *b = calloc(1, sizeof *b);
+    if (b == NULL)
+        return NULL;
+    struct pp_chunkrec *rec = &b->rec;
+    size_t a = it->job->arg_size, r = it->job->result_size;
+    b->o.it = it;
+    rec->first = first;
+    rec->state = calloc(cap, 1);
+    rec->results = r ? calloc(cap, r) : NULL;
+    if (it->source != NULL) {
+        b->o.owns_args = true;
+        rec->args = a ? malloc(cap * a) : NULL;
+    } else {
+        rec->args = (unsigned char *)it->array + first * a; /* read in place */
+    }
+    if (rec->state == NULL || (r && rec->results == NULL) ||
+        (b->o.owns_args && a && rec->args == NULL)) {
+        rec_free(rec);
+        return NULL;
+    }
+    return rec;
+}
+
+/* ---- dispatcher hooks (mu held) ------------------------------------------------ */
+
+bool pp__iter_take(struct pp_iter *it, struct pp_piece *p)
+{
+    struct pp_chunkrec *rec = it->dhead;
+    if (rec == NULL)
+        return false;
+    it->dhead = rec->dnext;
+    if (it->dhead == NULL)
+        it->dtail = NULL;
+    *p = (struct pp_piece){.job = it->job, .rec = rec, .start = rec->first, .count = rec->count};
+    pp__piece_hold(p);
+    return true;
+}
+
+static void push_ready(struct pp_iter *it, struct pp_chunkrec *rec, uint32_t i)
+{
+    if (it->ordered)
+        return;
+    if (it->rq_len == it->rq_cap) {
+        size_t cap = it->rq_cap ? it->rq_cap * 2 : 256;
+        struct ready_item *v = malloc(cap * sizeof *v);
+        if (v == NULL)
+            return; /* found again by the scan in take_unordered */
+        for (size_t k = 0; k < it->rq_len; k++)
+            v[k] = it->rq[(it->rq_head + k) % it->rq_cap];
+        free(it->rq);
+        it->rq = v;
+        it->rq_cap = cap;
+        it->rq_head = 0;
+    }
+    it->rq[(it->rq_head + it->rq_len) % it->rq_cap] = (struct ready_item){rec, i};
+    it->rq_len++;
+}
+
+void pp__iter_ok(struct pp_chunkrec *rec, size_t start, size_t count)
+{
+    struct pp_iter *it = box_of(rec)->o.it;
+    for (size_t k = 0; k < count; k++) {
+        size_t i = start - rec->first + k;
+        if (rec->state[i] != PP_ITEM_PENDING)
+            continue;
+        rec->state[i] = PP_ITEM_OK;
+        if (it != NULL)
+            push_ready(it, rec, (uint32_t)i);
+    }
+}
+
+void pp__iter_fail(struct pp_chunkrec *rec, size_t index, const pp_error *err)
+{
+    struct pp_iter *it = box_of(rec)->o.it;
+    size_t i = index - rec->first;
+    if (rec->state[i] != PP_ITEM_PENDING)
+        return;
+    if (rec->errs == NULL)
+        rec->errs = calloc(rec->count, sizeof *rec->errs);
+    if (rec->errs != NULL) {
+        rec->errs[i] = *err;
+        rec->errs[i].failed = 1;
+    }
+    rec->state[i] = PP_ITEM_FAILED;
+    if (it != NULL)
+        push_ready(it, rec, (uint32_t)i);
+}
+
+void pp__iter_fail_undealt(struct pp_iter *it, int code, const char *why)
+{
+    struct pp_chunkrec *rec;
+    while ((rec = it->dhead) != NULL) {
+        it->dhead = rec->dnext;
+        for (uint32_t i = 0; i < rec->count; i++)
+            pp__resolve_fail(it->job, rec, rec->first + i, code, 0, why);
+    }
+    it->dtail = NULL;
+}
+
+/* ---- taking items from the source (caller's thread) ------------------------------ */
+
+/* Pulls item `idx` into `dst`; 1 = an item, 0 = the end. */
+static int pull(struct pp_iter *it, unsigned char *dst, size_t idx)
+{
+    if (it->source == NULL)
+        return idx < it->array_n ? 1 : 0;
+    return it->source(it->state, dst) > 0 ? 1 : 0;
+}
+
+/* Takes items while the window allows, one record at a time. Called with
+ * mu held; drops it around the source. */
+static int refill(struct pp_iter *it)
+{
+    pp_pool *pool = it->pool;
+    while (!it->source_done && it->taken - it->returned < it->window) {
+        if (pool->terminated || pool->broken) {
+            it->source_done = true;
+            break;
+        }
+        size_t room = it->window - (it->taken - it->returned);
+        size_t cap = it->chunksize < room ? it->chunksize : room;
+        struct pp_chunkrec *rec = rec_new(it, it->taken, cap);
+        if (rec == NULL)
+            return -ENOMEM;
+        size_t a = it->job->arg_size;
+        uint32_t got = 0;
+        if (it->source != NULL) /* user code: never under our lock */
+            pthread_mutex_unlock(&pool->mu);
+        while (got < cap) {
+            if (!pull(it, rec->args + got * a, it->taken + got)) {
+                it->source_done = true;
+                break;
+            }
+            got++;
+        }
+        if (it->source != NULL)
+            pthread_mutex_lock(&pool->mu);
+        if (got == 0) {
+            rec_free(rec);
+            break;
+        }
+        rec->count = rec->unreturned = got;
+        box_of(rec)->o.linked = true;
+        it->taken += got;
+        it->job->n += got;
+        pool->stats.submitted += got;
+        if (it->tail)
+            it->tail->next = rec;
+        else
+            it->head = rec;
+        it->tail = rec;
+        if (it->dtail)
+            it->dtail->dnext = rec;
+        else
+            it->dhead = rec;
+        it->dtail = rec;
+        pp__enqueue(pool, it->job);
+    }
+    pp__pump(pool);
+    return 0;
+}
+
+/* ---- handing items back ------------------------------------------------------------ */
+
+static void unlink_rec(struct pp_iter *it, struct pp_chunkrec *rec)
+{
+    struct pp_chunkrec **pp = &it->head, *prev = NULL;
+    while (*pp != rec) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    *pp = rec->next;
+    if (it->tail == rec)
+        it->tail = prev;
+    box_of(rec)->o.linked = false;
+    pp__iter_rec_maybe_free(rec);
+}
+
+/* Hands item i of rec to the caller. Returns 1 or the item's failure code. */
+static int hand_back(struct pp_iter *it, struct pp_chunkrec *rec, uint32_t i, void *result,
+                     size_t *index, pp_error *err)
+{
+    size_t r = it->job->result_size;
+    int rc = 1;
+    if (index)
+        *index = rec->first + i;
+    if (rec->state[i] == PP_ITEM_OK) {
+        if (r)
+            memcpy(result, rec->results + i * r, r);
+        if (err)
+            memset(err, 0, sizeof *err);
+    } else {
+        pp_error e = {.code = -ENOMEM, .index = rec->first + i, .failed = 1};
+        if (rec->errs)
+            e = rec->errs[i];
+        rc = e.code;
+        if (err)
+            *err = e;
+    }
+    rec->state[i] = PP_ITEM_RETURNED;
+    it->returned++;
+    if (--rec->unreturned == 0)
+        unlink_rec(it, rec);
+    return rc;
+}
+
+static bool item_ready(void *arg)
+{
+    struct pp_iter *it = arg;
+    if (it->ordered) {
+        struct pp_chunkrec *rec = it->head;
+        return rec != NULL && rec->state[it->returned - rec->first] != PP_ITEM_PENDING;
+    }
+    return it->rq_len > 0;
+}
+
+static bool next_ready(void *arg)
+{
+    struct pp_iter *it = arg;
+    return item_ready(it) || (it->source_done && it->returned == it->taken) ||
+           (!it->source_done && it->taken - it->returned < it->window);
+}
+
+PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout, pp_error *err)
+{
+    if (it == NULL || (result == NULL && it->job->result_size != 0))
+        return -EINVAL;
+    pp_pool *pool = it->pool;
+    int64_t deadline = pp__deadline(timeout);
+    pthread_mutex_lock(&pool->mu);
+    int rc;
+    for (;;) {
+        if ((rc = refill(it)) < 0)
+            break;
+        if (item_ready(it)) {
+            if (it->ordered) {
+                struct pp_chunkrec *rec = it->head;
+                rc = hand_back(it, rec, (uint32_t)(it->returned - rec->first), result, index, err);
+            } else {
+                struct ready_item ri = it->rq[it->rq_head];
+                it->rq_head = (it->rq_head + 1) % it->rq_cap;
+                it->rq_len--;
+                rc = hand_back(it, ri.rec, ri.i, result, index, err);
+            }
+            break;
+        }
+        if (it->source_done && it->returned == it->taken) {
+            rc = 0;
+            break;
+        }
+        if (pool->ctl == NULL) { /* the pool was freed under us */
+            rc = PP_ECLOSED;
+            break;
+        }
+        if ((rc = pp__wait(pool, next_ready, it, deadline)) < 0)
+            break;
+    }
+    pthread_mutex_unlock(&pool->mu);
+    return rc;
+}
+
+/* ---- construction ---------------------------------------------------------------- */
+
+static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, pp_source *source, void *state,
+                         const void *array, size_t n, size_t arg_size, size_t result_size,
+                         size_t chunksize, size_t window, bool ordered)
+{
+    pp_iter *it = calloc(1, sizeof *it);
+    struct pp_job *job = pp__job_new(pool, fn, 0, arg_size, result_size, chunksize);
+    if (it == NULL || job == NULL) {
+        free(it);
+        free(job);
+        errno = ENOMEM;
+        return NULL;
+    }
+    job->refs = 1; /* only the handle: an iterator's job is never "ready" */
+    job->iter = it;
+    *it = (pp_iter){.pool = pool,
+                    .job = job,
+                    .ordered = ordered,
+                    .source = source,
+                    .state = state,
+                    .array = array,
+                    .array_n = n,
+                    .chunksize = chunksize ? chunksize : 1};
+    if (window == 0) {
+        window = 64 * (size_t)pool->nworkers * it->chunksize;
+        if (window < DEFAULT_WINDOW_MIN)
+            window = DEFAULT_WINDOW_MIN;
+    }
+    it->window = window;
+    pthread_mutex_lock(&pool->mu);
+    int rc = pp__submit(pool, job);
+    if (rc == 0)
+        rc = refill(it);
+    pthread_mutex_unlock(&pool->mu);
+    if (rc < 0) {
+        if (rc == -ENOMEM) {
+            pp_iter_free(it);
+        } else {
+            free(job);
+            free(it);
+        }
+        errno = rc == PP_ECLOSED ? ESHUTDOWN : rc == PP_ESPAWN ? ECHILD : -rc;
+        return NULL;
+    }
+    return it;
+}
+
+PP_API pp_iter *pp_imap(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t arg_size,
+                        size_t result_size, size_t chunksize)
+{
+    if (pool == NULL || fn == NULL || (args == NULL && arg_size != 0 && n != 0)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return iter_new(pool, fn, NULL, NULL, args, n, arg_size, result_size, chunksize, 0, true);
+}
+
+PP_API pp_iter *pp_imap_unordered(pp_pool *pool, pp_fn *fn, const void *args, size_t n,
+                                  size_t arg_size, size_t result_size, size_t chunksize)
+{
+    if (pool == NULL || fn == NULL || (args == NULL && arg_size != 0 && n != 0)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return iter_new(pool, fn, NULL, NULL, args, n, arg_size, result_size, chunksize, 0, false);
+}
+
+PP_API pp_iter *pp_imap_source(pp_pool *pool, pp_fn *fn, pp_source *source, void *state,
+                               size_t arg_size, size_t result_size, size_t chunksize, size_t window,
+                               bool ordered)
+{
+    if (pool == NULL || fn == NULL || source == NULL) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return iter_new(pool, fn, source, state, NULL, 0, arg_size, result_size, chunksize, window,
+                    ordered);
+}
+
+PP_API void pp_iter_free(pp_iter *it)
+{
+    if (it == NULL)
+        return;
+    pp_pool *pool = it->pool;
+    pthread_mutex_lock(&pool->mu);
+    struct pp_job *job = it->job;
+    if (pool->ctl != NULL)
+        pp__job_cancel_queued(job);
+    /* Undealt records are ours alone; dealt ones go when their work ends. */
+    struct pp_chunkrec *rec = it->head, *next;
+    for (; rec; rec = next) {
+        next = rec->next;
+        box_of(rec)->o.it = NULL;
+        box_of(rec)->o.linked = false;
+        pp__iter_rec_maybe_free(rec);
+    }
+    job->iter = NULL;
+    job->complete = true; /* late answers for it are dropped */
+    pp__job_unref(job);
+    pp__handle_gone(pool);
+    bool dead = pp__pool_dead(pool);
+    pthread_mutex_unlock(&pool->mu);
+    if (dead)
+        pp__pool_destroy(pool);
+    free(it->rq);
+    free(it);
+}

@@ -1,0 +1,36 @@
+/*
+ * iter.h: what the dispatcher needs to know about iterators' chunk records.
+ */
+#ifndef PP_ITER_H
+#define PP_ITER_H
+
+#include "pool.h"
+
+/* A chunk of an iterator's items: their arguments, results and states. */
+struct pp_chunkrec {
+    struct pp_chunkrec *next;  /* iterator's list, in input order */
+    struct pp_chunkrec *dnext; /* not yet dealt, in input order */
+    size_t first;              /* input position of item 0 */
+    uint32_t count;
+    uint32_t unreturned;    /* items not yet handed to the caller */
+    uint32_t inflight;      /* pieces of it dealt or waiting to be dealt again */
+    unsigned char *args;    /* count * arg_size */
+    unsigned char *results; /* count * result_size */
+    unsigned char *state;   /* per item: enum pp_item_state */
+    pp_error *errs;         /* per item, allocated on the first failure */
+};
+
+enum pp_item_state { PP_ITEM_PENDING = 0, PP_ITEM_OK, PP_ITEM_FAILED, PP_ITEM_RETURNED };
+
+/* Takes the iterator's next undealt chunk as a piece. mu held. */
+bool pp__iter_take(struct pp_iter *it, struct pp_piece *p);
+/* Items [start, start + count) of rec finished; those not failed are OK. */
+void pp__iter_ok(struct pp_chunkrec *rec, size_t start, size_t count);
+/* Item `index` failed. */
+void pp__iter_fail(struct pp_chunkrec *rec, size_t index, const pp_error *err);
+/* Frees rec if every item was handed back and no piece refers to it. */
+void pp__iter_rec_maybe_free(struct pp_chunkrec *rec);
+/* Undealt chunks fail with `code` (terminate, crash loop). */
+void pp__iter_fail_undealt(struct pp_iter *it, int code, const char *why);
+
+#endif

@@ -1,0 +1,650 @@
+/*
+ * pool: the parent side's lifecycle, blocking calls and waiting.
+ *
+ * DESIGN: one mutex guards the parent's books. Whoever waits for something
+ * (a blocking pp_map, pp_async_get, pp_iter_next, the library thread) pumps
+ * the pool itself; one of the waiters at a time sleeps in poll() on the
+ * wake eventfd and the zygote's socket for everyone (the "poller"), the
+ * others on a condition variable that the poller broadcasts when it wakes.
+ * So there is always exactly one thread watching the workers when anyone
+ * waits, and a blocking call needs no other thread to make progress — not
+ * even when it is made from inside a callback.
+ *
+ * The library thread exists for what must happen when nobody waits: async
+ * results completing in the background and their callbacks, which it alone
+ * runs, outside the mutex, so a callback may call any pool function.
+ */
+#include "iter.h"
+#include "pool.h"
+#include "shm.h"
+#include "zygote.h"
+
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define PAYLOAD_BYTES ((size_t)1 << 30) /* reserved, not committed */
+#define MAX_WORKERS   4096
+
+/* ---- jobs ----------------------------------------------------------------- */
+
+struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
+                           size_t chunksize)
+{
+    struct pp_job *job = calloc(1, sizeof *job);
+    if (job == NULL)
+        return NULL;
+    job->pool = pool;
+    job->fn = fn;
+    job->n = n;
+    job->arg_size = arg_size;
+    job->result_size = result_size;
+    job->chunksize = chunksize;
+    job->refs = 2; /* the caller's handle and the pool's hold until ready */
+    return job;
+}
+
+/* Links a new job into the pool's books; mu held. */
+static void job_attach(pp_pool *pool, struct pp_job *job)
+{
+    job->anext = pool->all;
+    job->aprev = &pool->all;
+    if (pool->all)
+        pool->all->aprev = &job->anext;
+    pool->all = job;
+    pool->stats.submitted += job->n;
+}
+
+void pp__job_maybe_free(struct pp_job *job)
+{
+    if (job->refs > 0 || job->inflight > 0)
+        return;
+    if (job->aprev) {
+        *job->aprev = job->anext;
+        if (job->anext)
+            job->anext->aprev = job->aprev;
+    }
+    free(job->owned_args);
+    free(job->owned_results);
+    free(job);
+}
+
+void pp__job_unref(struct pp_job *job)
+{
+    job->refs--;
+    pp__job_maybe_free(job);
+}
+
+int pp__check_submit(pp_pool *pool)
+{
+    if (pool->closed || pool->terminated)
+        return PP_ECLOSED;
+    if (pool->broken)
+        return PP_ESPAWN;
+    return 0;
+}
+
+/* ---- waiting ---------------------------------------------------------------- */
+
+static bool on_library_thread(pp_pool *pool)
+{
+    return pool->thread_started && pthread_equal(pthread_self(), pool->thread);
+}
+
+void pp__wake_thread(pp_pool *pool)
+{
+    uint64_t one = 1;
+    ssize_t rc = write(pool->wake_fd, &one, sizeof one);
+    (void)rc; /* EAGAIN: already pending */
+    pthread_cond_broadcast(&pool->cond);
+}
+
+/* True when a worker has posted something we have not read. */
+static bool activity(pp_pool *pool)
+{
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_slot *s = &pool->ctl->slot[id];
+        if (atomic_load_explicit(&s->out_tail, memory_order_acquire) != pool->w[id].out_head)
+            return true;
+        if (pool->w[id].state == PP_WS_STARTING && atomic_load(&s->state) != PP_W_STARTING)
+            return true;
+    }
+    return false;
+}
+
+/* Sleeps in poll() for the whole pool until a worker, the zygote or one of
+ * our threads says something, or `until`. mu held on entry and exit. */
+static void poll_for_pool(pp_pool *pool, int64_t until)
+{
+    pool->poller = true;
+    atomic_store(&pool->ctl->parent_sleeping, 1);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (!activity(pool) && pool->cbhead == NULL) {
+        struct pollfd fds[2] = {{.fd = pool->wake_fd, .events = POLLIN},
+                                {.fd = pool->zsock, .events = POLLIN}};
+        struct timespec ts, *tsp = NULL;
+        if (until != PP_FOREVER) {
+            int64_t left = until - pp__now_ns();
+            if (left < 0)
+                left = 0;
+            ts.tv_sec = left / 1000000000;
+            ts.tv_nsec = left % 1000000000;
+            tsp = &ts;
+        }
+        pthread_mutex_unlock(&pool->mu);
+        ppoll(fds, pool->zygote_gone ? 1 : 2, tsp, NULL);
+        pthread_mutex_lock(&pool->mu);
+    }
+    atomic_store(&pool->ctl->parent_sleeping, 0);
+    uint64_t drain;
+    ssize_t rc = read(pool->wake_fd, &drain, sizeof drain);
+    (void)rc;
+    pool->poller = false;
+    pthread_cond_broadcast(&pool->cond);
+}
+
+static void cond_wait_until(pp_pool *pool, int64_t until)
+{
+    if (until == PP_FOREVER) {
+        pthread_cond_wait(&pool->cond, &pool->mu);
+        return;
+    }
+    struct timespec ts = {.tv_sec = until / 1000000000, .tv_nsec = until % 1000000000};
+    pthread_cond_timedwait(&pool->cond, &pool->mu, &ts);
+}
+
+int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline)
+{
+    for (;;) {
+        pp__pump(pool);
+        if (done(arg))
+            return 0;
+        /* A callback waiting on another job's callback: run it here. */
+        if (pool->cbhead != NULL && on_library_thread(pool)) {
+            pp__run_callbacks(pool);
+            continue;
+        }
+        int64_t now = pp__now_ns();
+        if (now >= deadline)
+            return -ETIMEDOUT;
+        if (!pool->poller) {
+            int64_t until = pp__next_timeout(pool);
+            poll_for_pool(pool, until < deadline ? until : deadline);
+        } else {
+            cond_wait_until(pool, deadline);
+        }
+    }
+}
+
+/* ---- callbacks and the library thread --------------------------------------- */
+
+void pp__run_callbacks(pp_pool *pool)
+{
+    while (pool->cbhead != NULL) {
+        struct pp_job *job = pool->cbhead;
+        pool->cbhead = job->cbnext;
+        if (pool->cbhead == NULL)
+            pool->cbtail = NULL;
+        if (!job->orphaned) {
+            job->in_callbacks = true;
+            pthread_mutex_unlock(&pool->mu);
+            if (job->nfailed == 0 && job->callback)
+                job->callback(job->results, job->userdata);
+            else if (job->nfailed != 0 && job->error_callback)
+                job->error_callback(&job->err, job->userdata);
+            pthread_mutex_lock(&pool->mu);
+            job->in_callbacks = false;
+        }
+        job->ready = true;
+        pthread_cond_broadcast(&pool->cond);
+        pp__job_unref(job); /* the pool's hold */
+    }
+}
+
+static bool thread_has_work(void *arg)
+{
+    pp_pool *pool = arg;
+    return pool->cbhead != NULL || pool->thread_stop;
+}
+
+static void *library_thread(void *arg)
+{
+    pp_pool *pool = arg;
+    pthread_mutex_lock(&pool->mu);
+    while (!pool->thread_stop) {
+        pp__wait(pool, thread_has_work, pool, PP_FOREVER);
+        pp__run_callbacks(pool);
+    }
+    pthread_mutex_unlock(&pool->mu);
+    return NULL;
+}
+
+/* ---- creation ----------------------------------------------------------------- */
+
+static int check_options(const pp_options *o)
+{
+    if (o->workers < 0 || o->workers > MAX_WORKERS)
+        return -EINVAL;
+    if (isnan(o->task_timeout) || o->task_timeout < 0 || isnan(o->task_soft_timeout) ||
+        o->task_soft_timeout < 0)
+        return -EINVAL;
+    if (o->start != PP_START_FORK && o->start != PP_START_SPAWN)
+        return -EINVAL;
+    if (o->backend != PP_BACKEND_LOCAL && o->backend != PP_BACKEND_MPI)
+        return -EINVAL;
+    if (o->start == PP_START_SPAWN || o->backend == PP_BACKEND_MPI)
+        return -ENOTSUP; /* not built yet: see the spawn/MPI issue */
+    return 0;
+}
+
+static int map_control_block(pp_pool *pool)
+{
+    pool->ctl_bytes = pp__ctl_size((uint32_t)pool->nworkers);
+    pool->map_bytes = pool->ctl_bytes + PAYLOAD_BYTES;
+    pool->ctl_fd = memfd_create("procpool", MFD_CLOEXEC);
+    if (pool->ctl_fd < 0)
+        return -errno;
+    if (ftruncate(pool->ctl_fd, (off_t)pool->map_bytes) < 0)
+        return -errno;
+    void *p = mmap(NULL, pool->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+                   pool->ctl_fd, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    pool->ctl = p;
+    pool->ctl->magic = PP_CTL_MAGIC;
+    pool->ctl->nworkers = (uint32_t)pool->nworkers;
+    pool->payload.base = (unsigned char *)p + pool->ctl_bytes;
+    pool->payload.size = PAYLOAD_BYTES;
+    return 0;
+}
+
+static bool all_started(void *arg)
+{
+    pp_pool *pool = arg;
+    if (pool->start_failed || pool->zygote_gone)
+        return true;
+    for (int id = 0; id < pool->nworkers; id++)
+        if (pool->w[id].state != PP_WS_READY)
+            return false;
+    return true;
+}
+
+static void release_resources(pp_pool *pool);
+
+static int start_workers(pp_pool *pool)
+{
+    pool->cfg = (struct pp_worker_cfg){
+        .ctl = pool->ctl,
+        .initializer = pool->opts.initializer,
+        .initarg = pool->opts.initarg,
+        .max_tasks = pool->opts.max_tasks_per_child,
+        .max_memory = pool->opts.max_memory_per_child,
+        .soft_timeout_ns = (int64_t)(pool->opts.task_soft_timeout * 1e9),
+    };
+    fflush(NULL); /* what the caller buffered must not be written again by a child */
+    int rc = pp__zygote_start(&pool->cfg, pool->nworkers, &pool->zygote, &pool->zsock);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&pool->mu);
+    pool->starting = true;
+    for (int id = 0; id < pool->nworkers; id++)
+        pp__respawn(pool, id);
+    pp__wait(pool, all_started, pool, PP_FOREVER);
+    pool->starting = false;
+    bool failed = pool->start_failed || pool->zygote_gone;
+    pthread_mutex_unlock(&pool->mu);
+    return failed ? -ECHILD : 0;
+}
+
+PP_API pp_pool *pp_pool_new(const pp_options *opts)
+{
+    pp_options o = opts ? *opts : (pp_options){0};
+    int rc = check_options(&o);
+    if (rc < 0) {
+        errno = -rc;
+        return NULL;
+    }
+    if (o.workers == 0) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        o.workers = cpus > 0 ? (int)(cpus > MAX_WORKERS ? MAX_WORKERS : cpus) : 1;
+    }
+    if ((rc = pp__shm_init()) < 0) {
+        errno = -rc;
+        return NULL;
+    }
+    pp_pool *pool = calloc(1, sizeof *pool);
+    if (pool == NULL)
+        return NULL;
+    pool->opts = o;
+    pool->nworkers = o.workers;
+    pool->ctl_fd = pool->wake_fd = pool->zsock = -1;
+    pthread_mutex_init(&pool->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&pool->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    pool->w = calloc((size_t)o.workers, sizeof *pool->w);
+    if (pool->w == NULL) {
+        rc = -ENOMEM;
+        goto fail;
+    }
+    if ((rc = map_control_block(pool)) < 0)
+        goto fail;
+    pool->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (pool->wake_fd < 0) {
+        rc = -errno;
+        goto fail;
+    }
+    pool->ctl->wake_fd = pool->wake_fd;
+    pool->ctl->timing = o.task_timeout > 0 || o.task_soft_timeout > 0;
+    if ((rc = start_workers(pool)) < 0)
+        goto fail;
+    if ((rc = -pthread_create(&pool->thread, NULL, library_thread, pool)) < 0)
+        goto fail;
+    pool->thread_started = true;
+    return pool;
+fail:
+    release_resources(pool);
+    free(pool->w);
+    pthread_mutex_destroy(&pool->mu);
+    pthread_cond_destroy(&pool->cond);
+    free(pool);
+    errno = -rc;
+    return NULL;
+}
+
+/* ---- blocking calls --------------------------------------------------------- */
+
+static bool job_ready(void *arg)
+{
+    return ((struct pp_job *)arg)->ready;
+}
+
+size_t pp__default_chunksize(const pp_pool *pool, size_t n)
+{
+    size_t per = (size_t)pool->nworkers * 4;
+    size_t c = n / per + (n % per ? 1 : 0);
+    return c ? c : 1;
+}
+
+/* Runs a map job to the end and reports as pp_map does. */
+static int run_blocking(pp_pool *pool, struct pp_job *job, pp_error *err)
+{
+    pthread_mutex_lock(&pool->mu);
+    int rc = pp__check_submit(pool);
+    if (rc < 0) {
+        pthread_mutex_unlock(&pool->mu);
+        free(job);
+        return rc;
+    }
+    job_attach(pool, job);
+    if (job->n == 0)
+        pp__job_settle(job);
+    else
+        pp__enqueue(pool, job);
+    pp__wait(pool, job_ready, job, PP_FOREVER);
+    rc = job->nfailed ? job->err.code : 0;
+    if (err != NULL) {
+        if (job->nfailed)
+            *err = job->err;
+        else
+            memset(err, 0, sizeof *err);
+    }
+    pp__job_unref(job);
+    pthread_mutex_unlock(&pool->mu);
+    return rc;
+}
+
+PP_API int pp_map(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t arg_size,
+                  void *results, size_t result_size, size_t chunksize, pp_error *err)
+{
+    if (pool == NULL || fn == NULL || (args == NULL && arg_size != 0 && n != 0) ||
+        (results == NULL && result_size != 0 && n != 0))
+        return -EINVAL;
+    if ((arg_size && n > SIZE_MAX / arg_size) || (result_size && n > SIZE_MAX / result_size))
+        return -EINVAL;
+    struct pp_job *job = pp__job_new(pool, fn, n, arg_size, result_size,
+                                     chunksize ? chunksize : pp__default_chunksize(pool, n));
+    if (job == NULL)
+        return -ENOMEM;
+    job->args = args;
+    job->results = results;
+    return run_blocking(pool, job, err);
+}
+
+PP_API int pp_apply(pp_pool *pool, pp_fn *fn, const void *arg, size_t arg_size, void *result,
+                    size_t result_size, pp_error *err)
+{
+    if (pool == NULL || fn == NULL || (arg == NULL && arg_size != 0) ||
+        (result == NULL && result_size != 0))
+        return -EINVAL;
+    struct pp_job *job = pp__job_new(pool, fn, 1, arg_size, result_size, 1);
+    if (job == NULL)
+        return -ENOMEM;
+    job->args = arg;
+    job->results = result;
+    return run_blocking(pool, job, err);
+}
+
+/* ---- asynchronous submission (shared with async.c and iter.c) --------------- */
+
+int pp__submit(pp_pool *pool, struct pp_job *job)
+{
+    int rc = pp__check_submit(pool);
+    if (rc < 0)
+        return rc;
+    job_attach(pool, job);
+    pool->handles++;
+    if (job->iter == NULL && job->n == 0)
+        pp__job_settle(job);
+    else
+        pp__enqueue(pool, job);
+    pp__pump(pool);
+    return 0;
+}
+
+void pp__handle_gone(pp_pool *pool)
+{
+    pool->handles--;
+}
+
+bool pp__pool_dead(pp_pool *pool)
+{
+    return pool->freed && pool->handles == 0;
+}
+
+/* ---- lifecycle --------------------------------------------------------------- */
+
+PP_API int pp_close(pp_pool *pool)
+{
+    if (pool == NULL)
+        return -EINVAL;
+    pthread_mutex_lock(&pool->mu);
+    pool->closed = true;
+    pthread_cond_broadcast(&pool->cond);
+    pthread_mutex_unlock(&pool->mu);
+    return 0;
+}
+
+PP_API int pp_terminate(pp_pool *pool)
+{
+    if (pool == NULL)
+        return -EINVAL;
+    pthread_mutex_lock(&pool->mu);
+    if (!pool->terminated) {
+        pool->terminated = pool->closed = true;
+        pp__pump(pool); /* take in what already finished */
+        pp__fail_pending(pool, PP_ECLOSED, "the pool was terminated");
+        for (int id = 0; id < pool->nworkers; id++)
+            pp__kill_worker(pool, id, PP_ECLOSED);
+        pp__wake_thread(pool);
+    }
+    pthread_mutex_unlock(&pool->mu);
+    return 0;
+}
+
+/* Every dealt piece has come back, every callback has run. */
+static bool drained(void *arg)
+{
+    pp_pool *pool = arg;
+    if (pool->qhead != NULL || pool->retry.len != 0 || pool->cbhead != NULL)
+        return false;
+    for (struct pp_job *job = pool->all; job; job = job->anext)
+        if (job->in_callbacks || job->inflight > 0 ||
+            (job->iter == NULL && job->complete && !job->ready))
+            return false;
+    return true;
+}
+
+static bool all_gone(void *arg)
+{
+    pp_pool *pool = arg;
+    return pool->live == 0 || pool->zygote_gone;
+}
+
+PP_API int pp_join(pp_pool *pool)
+{
+    if (pool == NULL)
+        return -EINVAL;
+    pthread_mutex_lock(&pool->mu);
+    if (!pool->closed && !pool->terminated) {
+        pthread_mutex_unlock(&pool->mu);
+        return -EINVAL;
+    }
+    if (on_library_thread(pool)) {
+        pthread_mutex_unlock(&pool->mu);
+        return -EDEADLK; /* a callback cannot wait for every callback to end */
+    }
+    if (pool->joined) {
+        pthread_mutex_unlock(&pool->mu);
+        return 0;
+    }
+    if (!pool->terminated && !pool->broken)
+        pp__wait(pool, drained, pool, PP_FOREVER);
+    pool->quitting = true;
+    for (int id = 0; id < pool->nworkers; id++) {
+        atomic_store(&pool->ctl->slot[id].quit, 1);
+        pp__ring_wake_worker(&pool->ctl->slot[id]);
+    }
+    pp__wait(pool, all_gone, pool, PP_FOREVER);
+    /* Callbacks of jobs failed by terminate still run before we return. */
+    pp__wait(pool, drained, pool, PP_FOREVER);
+    pool->thread_stop = true;
+    pp__wake_thread(pool);
+    pthread_mutex_unlock(&pool->mu);
+    if (pool->thread_started)
+        pthread_join(pool->thread, NULL);
+    pthread_mutex_lock(&pool->mu);
+    pool->thread_started = false;
+    pp__zygote_send(pool->zsock, PP_Z_QUIT, 0, 0, 0);
+    pthread_mutex_unlock(&pool->mu);
+    while (waitpid(pool->zygote, NULL, 0) < 0 && errno == EINTR)
+        ;
+    pthread_mutex_lock(&pool->mu);
+    pool->zygote = 0;
+    pool->joined = true;
+    pthread_mutex_unlock(&pool->mu);
+    return 0;
+}
+
+static void release_resources(pp_pool *pool)
+{
+    if (pool->zygote > 0) { /* only on a failed start */
+        if (pool->zsock >= 0)
+            pp__zygote_send(pool->zsock, PP_Z_QUIT, 0, 0, 0);
+        kill(pool->zygote, SIGKILL);
+        while (waitpid(pool->zygote, NULL, 0) < 0 && errno == EINTR)
+            ;
+        pool->zygote = 0;
+    }
+    if (pool->zsock >= 0)
+        close(pool->zsock);
+    if (pool->wake_fd >= 0)
+        close(pool->wake_fd);
+    if (pool->ctl != NULL)
+        munmap(pool->ctl, pool->map_bytes);
+    if (pool->ctl_fd >= 0)
+        close(pool->ctl_fd);
+    pool->zsock = pool->wake_fd = pool->ctl_fd = -1;
+    pool->ctl = NULL;
+    pp__payload_destroy(&pool->payload);
+    memset(&pool->payload, 0, sizeof pool->payload);
+    free(pool->retry.v);
+    pool->retry = (struct pp_retry){0};
+}
+
+void pp__pool_destroy(pp_pool *pool)
+{
+    free(pool->w);
+    pthread_mutex_destroy(&pool->mu);
+    pthread_cond_destroy(&pool->cond);
+    free(pool);
+}
+
+PP_API void pp_pool_free(pp_pool *pool)
+{
+    if (pool == NULL)
+        return;
+    pthread_mutex_lock(&pool->mu);
+    bool closed = pool->closed;
+    pthread_mutex_unlock(&pool->mu);
+    if (!closed)
+        pp_terminate(pool);
+    pp_join(pool);
+    pthread_mutex_lock(&pool->mu);
+    /* Jobs whose handles were freed and that are still in the books
+     * (nothing holds them now that every worker is gone). */
+    for (struct pp_job *job = pool->all, *next; job; job = next) {
+        next = job->anext;
+        job->inflight = 0;
+        pp__job_maybe_free(job);
+    }
+    release_resources(pool);
+    pool->freed = true;
+    bool last = pool->handles == 0;
+    pthread_mutex_unlock(&pool->mu);
+    if (last)
+        pp__pool_destroy(pool);
+}
+
+PP_API int pp_pool_stats(pp_pool *pool, pp_stats *out)
+{
+    if (pool == NULL || out == NULL)
+        return -EINVAL;
+    pthread_mutex_lock(&pool->mu);
+    *out = pool->stats;
+    out->workers = 0;
+    uint64_t queued = 0, running = 0;
+    for (struct pp_job *job = pool->qhead; job; job = job->qnext)
+        if (job->iter == NULL)
+            queued += job->n - job->next;
+    for (size_t i = 0; i < pool->retry.len; i++)
+        queued += pool->retry.v[(pool->retry.head + i) % pool->retry.cap].count;
+    for (int id = 0; pool->ctl && id < pool->nworkers; id++) {
+        struct pp_worker *w = &pool->w[id];
+        if (w->state == PP_WS_READY || w->state == PP_WS_STARTING)
+            out->workers++;
+        for (uint32_t pos = w->retired; pos != w->tail; pos++) {
+            struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+            if (!d->done && !d->withdrawn && !d->abandoned)
+                queued += d->piece.count;
+        }
+        if (atomic_load(&pool->ctl->slot[id].busy) && w->state == PP_WS_READY) {
+            running++;
+            queued--;
+        }
+    }
+    out->queued = queued;
+    out->running = running;
+    pthread_mutex_unlock(&pool->mu);
+    return 0;
+}

@@ -1,0 +1,175 @@
+/*
+ * pool.h: the parent's books. Shared by the parent-side files (pool.c,
+ * dispatch.c, supervise.c, async.c, iter.c); workers never see them.
+ *
+ * Every field below is guarded by pool->mu unless its comment says so.
+ */
+#ifndef PP_POOL_H
+#define PP_POOL_H
+
+#include "procpool.h"
+#include "payload.h"
+#include "ring.h"
+#include "worker.h"
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <sys/types.h>
+
+struct pp_chunkrec;
+
+/* One call: a map, an apply (a map of one), or an iterator's stream. */
+struct pp_job {
+    pp_pool *pool;
+    pp_fn *fn;
+    size_t n; /* items; grows for a source-fed iterator */
+    size_t arg_size, result_size, chunksize;
+    const unsigned char *args;        /* item i at args + i * arg_size (map jobs) */
+    unsigned char *results;           /* item i at results + i * result_size (map jobs) */
+    void *owned_args, *owned_results; /* freed with the job */
+    size_t next;                      /* first item not yet dealt (map jobs) */
+    size_t resolved;                  /* items finished, either way */
+    size_t nfailed;
+    pp_error err;      /* the lowest-index failure */
+    bool complete;     /* every item resolved */
+    bool ready;        /* complete and its callbacks returned */
+    bool cancelled;    /* nothing more of it is dealt */
+    bool orphaned;     /* its handle was freed: no callbacks */
+    bool in_callbacks; /* its callbacks are running now */
+    int refs;          /* the handle, plus one while the pool holds it */
+    size_t inflight;   /* pieces of it dealt or waiting in the retry ring */
+    pp_callback *callback;
+    pp_error_callback *error_callback;
+    void *userdata;
+    struct pp_iter *iter; /* set for iterator jobs */
+    struct pp_job *qnext; /* the pool's queue of jobs with undealt items */
+    bool queued;
+    struct pp_job *cbnext;         /* the pool's list of callbacks to run */
+    struct pp_job *anext, **aprev; /* every live job of the pool */
+};
+
+/* A piece of work: `count` consecutive items of a job from `start`. For an
+ * iterator job, `rec` is the chunk record holding those items. */
+struct pp_piece {
+    struct pp_job *job;
+    struct pp_chunkrec *rec;
+    size_t start;
+    uint32_t count;
+};
+
+/* The parent's copy of one inbox entry: what it dealt, never what the worker
+ * says it was. */
+struct pp_dealt {
+    struct pp_piece piece;
+    struct pp_extent extent; /* payload bytes, if not inline or zero-copy */
+    bool done;               /* DONE seen, or settled at a death */
+    bool withdrawn;          /* taken back by the parent */
+    bool abandoned;          /* its items were failed (terminate); waiting for the worker */
+    uint32_t nfail;          /* FAIL messages seen */
+    uint32_t last_fail;      /* item of the last FAIL */
+    bool results_in_place;   /* the worker wrote results straight to the caller */
+    unsigned char *res_addr; /* where the worker wrote them */
+};
+
+enum pp_wstate {
+    PP_WS_DOWN = 0, /* no process (not started, dead and not replaced) */
+    PP_WS_STARTING, /* spawned or asked for, initializer not finished */
+    PP_WS_READY,
+    PP_WS_EXITING, /* told to quit, or killed; waiting for the zygote's word */
+};
+
+struct pp_worker {
+    enum pp_wstate state;
+    pid_t pid;
+    uint32_t gen;
+    uint32_t tail;     /* next inbox position we write */
+    uint32_t retired;  /* oldest inbox position still ours to settle */
+    uint32_t out_head; /* next outbox position we read */
+    int kill_code;     /* why we killed it: PP_ETIMEOUT, PP_ECANCELED, PP_ECLOSED; 0: we did not */
+    bool succeeded;    /* finished at least one chunk (crash-loop detection) */
+    struct pp_dealt dealt[PP_RING];
+};
+
+/* A ring of pieces to run before any queued job: remainders after a death
+ * and chunks withdrawn from a busy worker. */
+struct pp_retry {
+    struct pp_piece *v;
+    size_t head, len, cap;
+};
+
+struct pp_pool {
+    pthread_mutex_t mu;
+    pthread_cond_t cond; /* broadcast whenever something may have finished */
+    struct pp_ctl *ctl;  /* the control block (MAP_SHARED) */
+    size_t ctl_bytes, map_bytes;
+    int ctl_fd;
+    int wake_fd; /* eventfd: workers and our own threads ring it */
+    int zsock;   /* command socket to the zygote */
+    pid_t zygote;
+    struct pp_worker_cfg cfg; /* what the zygote gives each worker */
+    pp_options opts;
+    int nworkers;
+    struct pp_worker *w;
+    struct pp_payload payload;
+
+    struct pp_job *qhead, *qtail; /* jobs with undealt items, oldest first */
+    struct pp_retry retry;
+    struct pp_job *cbhead, *cbtail; /* completed jobs whose callbacks must run */
+    struct pp_job *all;             /* every job not yet freed */
+
+    bool closed, terminated, joined, broken, starting, quitting, start_failed;
+    bool zygote_gone;
+    int handles; /* live pp_async / pp_iter handles: the struct outlives
+                    pp_pool_free until the last one is freed */
+    bool freed;
+    int live;                    /* worker processes not yet reaped */
+    bool poller;                 /* a thread sleeps in poll() for the pool */
+    unsigned consecutive_deaths; /* deaths of workers that never finished a chunk */
+    pthread_t thread;            /* the library thread: callbacks, background pumping */
+    bool thread_started, thread_stop;
+    pp_stats stats;
+};
+
+#define PP_CRASH_LOOP_LIMIT 8 /* deaths in a row with no chunk finished between */
+
+/* dispatch.c: moving work between the books and the rings. */
+void pp__pump(pp_pool *pool); /* collect, supervise, deal */
+void pp__enqueue(pp_pool *pool, struct pp_job *job);
+void pp__resolve_fail(struct pp_job *job, struct pp_chunkrec *rec, size_t index, int code,
+                      int status, const char *text);
+void pp__resolve_ok(struct pp_job *job, size_t count);
+void pp__job_settle(struct pp_job *job); /* complete when every item resolved */
+void pp__fail_pending(pp_pool *pool, int code, const char *why);
+void pp__job_cancel_queued(struct pp_job *job); /* undealt and unclaimed work fails */
+int pp__job_cancel(struct pp_job *job);         /* and running items: workers killed */
+void pp__retry_push_front(pp_pool *pool, struct pp_piece p);
+void pp__copy_out(struct pp_dealt *d, uint32_t from, uint32_t to, const unsigned char *res);
+bool pp__collect(pp_pool *pool, int id);
+void pp__release_abandoned(pp_pool *pool, struct pp_dealt *d);
+void pp__fail_piece(struct pp_piece *p, uint32_t already, int code, const char *why);
+void pp__piece_hold(struct pp_piece *p);
+void pp__piece_release(pp_pool *pool, struct pp_piece *p);
+
+/* supervise.c: deaths, timeouts and replacements. */
+void pp__on_zygote(pp_pool *pool); /* read what the zygote said */
+void pp__check_timeouts(pp_pool *pool, int64_t now);
+int64_t pp__next_timeout(pp_pool *pool); /* earliest deadline to wake for */
+void pp__kill_worker(pp_pool *pool, int id, int code);
+void pp__respawn(pp_pool *pool, int id);
+
+/* pool.c: waiting. Called with mu held; returns with it held. */
+int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline);
+void pp__wake_thread(pp_pool *pool);
+void pp__run_callbacks(pp_pool *pool);
+struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
+                           size_t chunksize);
+void pp__job_unref(struct pp_job *job);            /* mu held: drops one ref */
+void pp__job_maybe_free(struct pp_job *job);       /* mu held: frees it if unreferenced */
+int pp__check_submit(pp_pool *pool);               /* 0, PP_ECLOSED or PP_ESPAWN */
+int pp__submit(pp_pool *pool, struct pp_job *job); /* mu held: queue it, deal */
+void pp__handle_gone(pp_pool *pool);               /* mu held: a pp_async/pp_iter was freed */
+bool pp__pool_dead(pp_pool *pool);                 /* freed, and no handle left */
+void pp__pool_destroy(pp_pool *pool);              /* frees the struct itself */
+size_t pp__default_chunksize(const pp_pool *pool, size_t n);
+
+#endif

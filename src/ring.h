@@ -1,0 +1,112 @@
+/*
+ * ring: the pool's control block, a MAP_SHARED memfd region that the parent
+ * and every worker map at the same address.
+ *
+ * DESIGN: every worker owns one slot: an inbox (descriptors the parent
+ * writes, the worker reads) and an outbox (messages the worker writes, the
+ * parent reads). Each ring has exactly one producer and one consumer, so a
+ * process that dies at any instruction cannot wedge another one; the parent
+ * reads what a dead worker left behind and charges its death to the one item
+ * the slot says it was running. An inbox entry is claimed by compare-and-swap,
+ * either by the worker (to run it) or by the parent (to withdraw it and give
+ * it to an idle worker). Payload bytes (arguments and results) live in the
+ * region too: small chunks inline in their inbox entry, larger ones in a
+ * payload area that only the parent allocates from.
+ *
+ * Workers run user code, so nothing the parent reads from here is trusted:
+ * every position, index and length is checked against the parent's own
+ * books before use (see dispatch.c).
+ */
+#ifndef PP_RING_H
+#define PP_RING_H
+
+#include "util.h"
+
+#include <stdalign.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define PP_RING      64 /* entries per inbox and per outbox; a power of two */
+#define PP_RING_MASK (PP_RING - 1)
+#define PP_INLINE    256 /* payload bytes carried inside an inbox entry */
+#define PP_MSG_TEXT  256
+#define PP_CTL_MAGIC 0x70706f6fu
+
+enum pp_desc_state {
+    PP_DESC_FREE = 0,
+    PP_DESC_POSTED = 1,    /* waiting for the worker */
+    PP_DESC_CLAIMED = 2,   /* the worker took it */
+    PP_DESC_WITHDRAWN = 3, /* the parent took it back; the worker skips it */
+};
+
+/* One chunk of consecutive items, as the worker sees it. */
+struct pp_desc {
+    _Atomic uint32_t state;
+    uint32_t count;   /* items in the chunk */
+    uint64_t fn;      /* pp_fn address (same in every forked process) */
+    uint64_t args;    /* address of the first argument */
+    uint64_t results; /* address of the first result */
+    uint64_t arg_size;
+    uint64_t result_size;
+};
+
+enum pp_msg_kind {
+    PP_MSG_DONE = 1, /* the whole chunk at inbox position `seq` has run */
+    PP_MSG_FAIL = 2, /* item `item` of that chunk returned non-zero `status` */
+};
+
+struct pp_msg {
+    uint32_t kind;
+    uint32_t seq;  /* inbox position of the chunk */
+    uint32_t item; /* index inside the chunk (FAIL) */
+    int32_t status;
+    char text[PP_MSG_TEXT];
+};
+
+enum pp_worker_state {
+    PP_W_STARTING = 0,
+    PP_W_READY = 1,    /* initializer done, taking work */
+    PP_W_INITFAIL = 2, /* initializer returned non-zero; the worker exits */
+};
+
+struct pp_slot {
+    /* Written by the parent. */
+    alignas(PP_CACHELINE) _Atomic uint32_t in_tail; /* inbox producer position */
+    _Atomic uint32_t doorbell;                      /* futex: bumped to wake the worker */
+    _Atomic uint32_t out_head;                      /* outbox consumer position */
+    _Atomic uint32_t quit;                          /* leave once the inbox is empty */
+    _Atomic uint32_t stop;                          /* pp_task_should_stop() for the item */
+
+    /* Written by the worker. */
+    alignas(PP_CACHELINE) _Atomic uint32_t in_head; /* inbox consumer position */
+    _Atomic uint32_t out_tail;                      /* outbox producer position */
+    _Atomic uint32_t sleeping;                      /* waiting on doorbell */
+    _Atomic uint32_t state;                         /* enum pp_worker_state */
+    _Atomic uint32_t busy;                          /* running the chunk at cur_seq */
+    _Atomic uint32_t cur_seq;                       /* inbox position being run */
+    _Atomic uint32_t cur_item;                      /* item index inside it */
+    _Atomic int64_t item_start;                     /* pp__now_ns() when it began */
+
+    alignas(PP_CACHELINE) struct pp_desc in[PP_RING];
+    alignas(PP_CACHELINE) struct pp_msg out[PP_RING];
+    alignas(PP_CACHELINE) unsigned char inl[PP_RING][PP_INLINE];
+};
+
+struct pp_ctl {
+    uint32_t magic;
+    uint32_t nworkers;
+    int wake_fd; /* eventfd the parent sleeps on */
+    int timing;  /* workers stamp item_start */
+    alignas(PP_CACHELINE) _Atomic uint32_t parent_sleeping;
+    alignas(PP_CACHELINE) struct pp_slot slot[];
+};
+
+/* Bytes of the control block for n workers, rounded to whole pages. */
+size_t pp__ctl_size(uint32_t nworkers);
+
+/* Worker side: tell the parent something changed (a message, a state). */
+void pp__ring_notify_parent(struct pp_ctl *ctl);
+/* Parent side: make sure the worker of `slot` sees new inbox entries. */
+void pp__ring_wake_worker(struct pp_slot *slot);
+
+#endif

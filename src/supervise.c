@@ -1,0 +1,240 @@
+/*
+ * supervise: deaths, time limits and replacements.
+ *
+ * DESIGN: the zygote reaps every worker and tells us how it ended; only
+ * then do we settle its slot, so nothing the dead worker wrote can still
+ * change. Settling reads its outbox to the end, charges the death to the
+ * one item its slot says was running (PP_ECRASH, or the reason we killed
+ * it: PP_ETIMEOUT, PP_ECANCELED), keeps the results of the items of that
+ * chunk that finished, and puts everything it had not started back at the
+ * front of the retry ring, in order. The replacement gets a zeroed slot
+ * and the same worker id. Deaths that cannot be charged to any item, by
+ * workers that never finished a chunk, are a crash loop past a bound: the
+ * pool then stops replacing workers and fails what is pending (PP_ESPAWN).
+ */
+#include "iter.h"
+#include "pool.h"
+#include "zygote.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+
+void pp__kill_worker(pp_pool *pool, int id, int code)
+{
+    struct pp_worker *w = &pool->w[id];
+    if (w->state == PP_WS_DOWN || w->kill_code != 0)
+        return;
+    w->kill_code = code;
+    w->state = PP_WS_EXITING;
+    if (pp__zygote_send(pool->zsock, PP_Z_KILL, (uint32_t)id, w->gen, SIGKILL) < 0)
+        pool->zygote_gone = true;
+}
+
+void pp__respawn(pp_pool *pool, int id)
+{
+    struct pp_worker *w = &pool->w[id];
+    uint32_t gen = w->gen + 1;
+    memset(&pool->ctl->slot[id], 0, sizeof pool->ctl->slot[id]);
+    *w = (struct pp_worker){.state = PP_WS_STARTING, .gen = gen};
+    if (pp__zygote_send(pool->zsock, PP_Z_SPAWN, (uint32_t)id, gen, 0) < 0) {
+        pool->zygote_gone = true;
+        w->state = PP_WS_DOWN;
+        return;
+    }
+    pool->live++;
+}
+
+static void describe(char *buf, size_t len, int code, int status, pid_t pid, double timeout)
+{
+    if (code == PP_ETIMEOUT)
+        snprintf(buf, len, "task ran past task_timeout (%g s); worker %d was killed", timeout,
+                 (int)pid);
+    else if (code == PP_ECANCELED)
+        snprintf(buf, len, "task cancelled; worker %d was killed", (int)pid);
+    else if (code == PP_ECLOSED)
+        snprintf(buf, len, "the pool was terminated");
+    else if (WIFSIGNALED(status))
+        snprintf(buf, len, "worker %d died: signal %d (%s)", (int)pid, WTERMSIG(status),
+                 strsignal(WTERMSIG(status)));
+    else
+        snprintf(buf, len, "worker %d died: exit status %d", (int)pid, WEXITSTATUS(status));
+}
+
+/* The running chunk: keep what finished, charge the running item, requeue
+ * the rest. Returns true if an item was charged. */
+static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int code, int st,
+                           const char *why)
+{
+    struct pp_piece *p = &d->piece;
+    struct pp_job *job = p->job;
+    bool already_failed = d->nfail > 0 && d->last_fail == k;
+    pp__copy_out(d, 0, k, d->res_addr);
+    if (!job->complete) {
+        uint32_t failed_before = d->nfail - (already_failed ? 1 : 0);
+        pp__resolve_ok(job, k - failed_before);
+        if (p->rec != NULL)
+            pp__iter_ok(p->rec, p->start, k);
+        if (!already_failed)
+            pp__resolve_fail(job, p->rec, p->start + k, code, st, why);
+    }
+    if (k + 1 < p->count) {
+        struct pp_piece rest = *p;
+        rest.start += k + 1;
+        rest.count -= k + 1;
+        pp__piece_hold(&rest);
+        pp__retry_push_front(pool, rest);
+    }
+    pp__job_settle(job);
+    return !already_failed;
+}
+
+/* Settles every entry of a worker the zygote has reaped. */
+static bool settle_slot(pp_pool *pool, int id, int code, int st, const char *why)
+{
+    struct pp_worker *w = &pool->w[id];
+    struct pp_slot *s = &pool->ctl->slot[id];
+    pp__collect(pool, id);
+    bool busy = atomic_load(&s->busy) != 0;
+    uint32_t cur = atomic_load(&s->cur_seq), item = atomic_load(&s->cur_item);
+    bool charged = false;
+    /* Newest first, each pushed to the front: the ring keeps input order. */
+    for (uint32_t pos = w->tail - 1; pos != w->retired - 1; pos--) {
+        struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+        if (d->done || d->withdrawn)
+            continue;
+        if (d->abandoned) {
+            pp__release_abandoned(pool, d);
+            continue;
+        }
+        uint32_t state = atomic_load(&s->in[pos & PP_RING_MASK].state);
+        d->done = true;
+        pp__payload_free(&pool->payload, &d->extent);
+        if (busy && cur == pos && state == PP_DESC_CLAIMED && item < d->piece.count) {
+            charged |= settle_running(pool, d, item, code, st, why);
+            pp__piece_release(pool, &d->piece);
+        } else {
+            /* Not started (or claimed and killed before its first item):
+             * it runs again elsewhere, whole. The payload is rebuilt. */
+            pp__retry_push_front(pool, d->piece);
+        }
+    }
+    return charged;
+}
+
+static void on_exit_(pp_pool *pool, int id, int status)
+{
+    struct pp_worker *w = &pool->w[id];
+    int code = w->kill_code ? w->kill_code : PP_ECRASH;
+    int st = WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status);
+    if (code == PP_ETIMEOUT || code == PP_ECANCELED)
+        st = SIGKILL;
+    char why[PP_MSG_TEXT];
+    describe(why, sizeof why, code, status, w->pid, pool->opts.task_timeout);
+
+    bool charged = settle_slot(pool, id, code, st, why);
+    pool->live--;
+    bool initfail = atomic_load(&pool->ctl->slot[id].state) == PP_W_INITFAIL;
+    bool was_killed = w->kill_code != 0;
+    bool succeeded = w->succeeded;
+    memset(&pool->ctl->slot[id], 0, sizeof pool->ctl->slot[id]);
+    *w = (struct pp_worker){.state = PP_WS_DOWN, .gen = w->gen};
+
+    if (pool->starting) {
+        pool->start_failed = true;
+        return;
+    }
+    if (pool->terminated || pool->quitting || pool->broken || pool->zygote_gone)
+        return;
+    if (!charged && !succeeded && !was_killed) {
+        if (++pool->consecutive_deaths >= PP_CRASH_LOOP_LIMIT) {
+            pool->broken = true;
+            pp__fail_pending(pool, PP_ESPAWN,
+                             initfail ? "workers keep failing their initializer; "
+                                        "the pool stopped replacing them"
+                                      : "workers keep dying before finishing any task; "
+                                        "the pool stopped replacing them");
+            return;
+        }
+    }
+    pool->stats.respawned++;
+    pp__respawn(pool, id);
+}
+
+/* The zygote is gone: so are its workers (they die with it). Settle them
+ * all; nothing can be replaced any more. */
+static void on_zygote_gone(pp_pool *pool)
+{
+    pool->zygote_gone = true;
+    for (int id = 0; id < pool->nworkers; id++)
+        if (pool->w[id].state != PP_WS_DOWN) {
+            pool->w[id].kill_code = pool->w[id].kill_code ? pool->w[id].kill_code : PP_ECRASH;
+            on_exit_(pool, id, SIGKILL);
+        }
+    if (!pool->terminated && !pool->broken) {
+        pool->broken = true;
+        pp__fail_pending(pool, PP_ESPAWN, "the pool's helper process died");
+    }
+}
+
+void pp__on_zygote(pp_pool *pool)
+{
+    if (pool->zygote_gone)
+        return;
+    for (;;) {
+        struct pp_zmsg m;
+        ssize_t got = recv(pool->zsock, &m, sizeof m, MSG_DONTWAIT);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0 && errno == EAGAIN)
+            return;
+        if (got <= 0) {
+            on_zygote_gone(pool);
+            return;
+        }
+        if (got != (ssize_t)sizeof m || m.id >= (uint32_t)pool->nworkers)
+            continue;
+        struct pp_worker *w = &pool->w[m.id];
+        if (m.gen != w->gen || w->state == PP_WS_DOWN)
+            continue;
+        if (m.op == PP_Z_SPAWNED)
+            w->pid = m.pid;
+        else if (m.op == PP_Z_EXITED)
+            on_exit_(pool, (int)m.id, m.status);
+    }
+}
+
+void pp__check_timeouts(pp_pool *pool, int64_t now)
+{
+    if (pool->opts.task_timeout <= 0)
+        return;
+    int64_t limit = (int64_t)(pool->opts.task_timeout * 1e9);
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_slot *s = &pool->ctl->slot[id];
+        if (pool->w[id].state != PP_WS_READY || !atomic_load(&s->busy))
+            continue;
+        int64_t start = atomic_load(&s->item_start);
+        if (start > 0 && start <= now && now - start > limit)
+            pp__kill_worker(pool, id, PP_ETIMEOUT);
+    }
+}
+
+int64_t pp__next_timeout(pp_pool *pool)
+{
+    if (pool->opts.task_timeout <= 0)
+        return PP_FOREVER;
+    int64_t limit = (int64_t)(pool->opts.task_timeout * 1e9);
+    int64_t next = pp__now_ns() + limit;
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_slot *s = &pool->ctl->slot[id];
+        if (pool->w[id].state != PP_WS_READY || !atomic_load(&s->busy))
+            continue;
+        int64_t start = atomic_load(&s->item_start);
+        if (start > 0 && start + limit + 1000000 < next)
+            next = start + limit + 1000000; /* a millisecond past it */
+    }
+    return next;
+}

@@ -1,0 +1,209 @@
+/*
+ * worker: the loop a worker process runs.
+ *
+ * DESIGN: the worker takes the next inbox entry, claims it by CAS (the
+ * parent may have withdrawn it to give to an idle worker), runs its items
+ * one by one, and answers in its own outbox only. Before each item it
+ * writes which item it is running into its slot, so that if it dies the
+ * parent knows exactly which item to charge, which earlier items finished
+ * and which later ones still have to run. It spins briefly when its inbox
+ * is empty, then sleeps on a futex in its slot.
+ */
+#include "worker.h"
+
+#include "procpool.h"
+
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int worker_id = -1;
+static struct pp_slot *current_slot;
+static int64_t soft_deadline; /* 0: none */
+static char fail_text[PP_MSG_TEXT];
+static int fail_set;
+
+PP_API int pp_worker_id(void)
+{
+    return worker_id;
+}
+
+PP_API int pp_fail(int status, const char *fmt, ...)
+{
+    if (worker_id < 0 || fmt == NULL)
+        return status;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(fail_text, sizeof fail_text, fmt, ap);
+    va_end(ap);
+    fail_set = 1;
+    return status;
+}
+
+PP_API bool pp_task_should_stop(void)
+{
+    if (current_slot == NULL)
+        return false;
+    if (atomic_load_explicit(&current_slot->stop, memory_order_relaxed))
+        return true;
+    return soft_deadline != 0 && pp__now_ns() >= soft_deadline;
+}
+
+/* Waits until the parent posts another entry or asks us to quit. */
+static void wait_for_work(struct pp_slot *s, uint32_t head)
+{
+    for (int spin = 0; spin < 4000; spin++) {
+        if (atomic_load_explicit(&s->in_tail, memory_order_acquire) != head ||
+            atomic_load_explicit(&s->quit, memory_order_relaxed))
+            return;
+        pp__cpu_relax();
+    }
+    for (;;) {
+        uint32_t bell = atomic_load(&s->doorbell);
+        atomic_store(&s->sleeping, 1);
+        atomic_thread_fence(memory_order_seq_cst);
+        if (atomic_load(&s->in_tail) != head || atomic_load(&s->quit)) {
+            atomic_store(&s->sleeping, 0);
+            return;
+        }
+        pp__futex_wait(&s->doorbell, bell, PP_FOREVER);
+        atomic_store(&s->sleeping, 0);
+    }
+}
+
+/* Appends one message to the outbox, waiting while it is full. */
+static void post(struct pp_ctl *ctl, struct pp_slot *s, uint32_t kind, uint32_t seq, uint32_t item,
+                 int status, const char *text)
+{
+    uint32_t tail = atomic_load_explicit(&s->out_tail, memory_order_relaxed);
+    while (tail - atomic_load_explicit(&s->out_head, memory_order_acquire) >= PP_RING) {
+        uint32_t bell = atomic_load(&s->doorbell);
+        atomic_store(&s->sleeping, 1);
+        atomic_thread_fence(memory_order_seq_cst);
+        if (tail - atomic_load(&s->out_head) < PP_RING) {
+            atomic_store(&s->sleeping, 0);
+            break;
+        }
+        pp__ring_notify_parent(ctl);
+        pp__futex_wait(&s->doorbell, bell, pp__now_ns() + 100000000);
+        atomic_store(&s->sleeping, 0);
+    }
+    struct pp_msg *m = &s->out[tail & PP_RING_MASK];
+    m->kind = kind;
+    m->seq = seq;
+    m->item = item;
+    m->status = status;
+    if (text != NULL)
+        snprintf(m->text, sizeof m->text, "%s", text);
+    else
+        m->text[0] = '\0';
+    atomic_store_explicit(&s->out_tail, tail + 1, memory_order_release);
+}
+
+static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const struct pp_desc *d,
+                     uint32_t seq, uint32_t i)
+{
+    pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
+    const unsigned char *arg = (const unsigned char *)(uintptr_t)d->args + i * d->arg_size;
+    unsigned char *res = (unsigned char *)(uintptr_t)d->results + i * d->result_size;
+
+    /* The start time is written before the item number, so the parent
+     * never pairs a new item with an older start and kills it early. */
+    if (cfg->ctl->timing) {
+        int64_t now = pp__now_ns();
+        atomic_store_explicit(&s->item_start, now, memory_order_release);
+        soft_deadline = cfg->soft_timeout_ns ? now + cfg->soft_timeout_ns : 0;
+    }
+    atomic_store_explicit(&s->cur_item, i, memory_order_release);
+    if (d->result_size)
+        memset(res, 0, d->result_size);
+    fail_set = 0;
+    int rc = fn(d->arg_size ? arg : NULL, d->result_size ? res : NULL);
+    if (rc != 0) {
+        char text[PP_MSG_TEXT];
+        if (fail_set)
+            snprintf(text, sizeof text, "%s", fail_text);
+        else
+            snprintf(text, sizeof text, "task returned %d", rc);
+        post(cfg->ctl, s, PP_MSG_FAIL, seq, i, rc, text);
+    }
+}
+
+/* Runs the entry at `head` if we win it; false if the parent withdrew it. */
+static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t head)
+{
+    struct pp_desc *d = &s->in[head & PP_RING_MASK];
+    if (cfg->ctl->timing)
+        atomic_store_explicit(&s->item_start, pp__now_ns(), memory_order_release);
+    atomic_store_explicit(&s->cur_seq, head, memory_order_relaxed);
+    atomic_store_explicit(&s->cur_item, 0, memory_order_relaxed);
+    uint32_t expect = PP_DESC_POSTED;
+    if (!atomic_compare_exchange_strong(&d->state, &expect, PP_DESC_CLAIMED))
+        return false;
+    atomic_store_explicit(&s->busy, 1, memory_order_seq_cst);
+    for (uint32_t i = 0; i < d->count; i++)
+        run_item(cfg, s, d, head, i);
+    post(cfg->ctl, s, PP_MSG_DONE, head, d->count, 0, NULL);
+    atomic_store_explicit(&s->busy, 0, memory_order_release);
+    atomic_store_explicit(&s->stop, 0, memory_order_relaxed);
+    return true;
+}
+
+static size_t resident_bytes(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    unsigned long size = 0, rss = 0;
+    if (f == NULL)
+        return 0;
+    if (fscanf(f, "%lu %lu", &size, &rss) != 2)
+        rss = 0;
+    fclose(f);
+    return rss * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+static _Noreturn void leave(int status)
+{
+    fflush(NULL); /* what tasks printed is not lost; the parent's buffers were empty */
+    _exit(status);
+}
+
+_Noreturn void pp__worker_main(const struct pp_worker_cfg *cfg, int id)
+{
+    struct pp_ctl *ctl = cfg->ctl;
+    struct pp_slot *s = &ctl->slot[id];
+    worker_id = id;
+
+    if (cfg->initializer != NULL && cfg->initializer(cfg->initarg) != 0) {
+        atomic_store(&s->state, PP_W_INITFAIL);
+        pp__ring_notify_parent(ctl);
+        leave(PP_EXIT_INITFAIL);
+    }
+    atomic_store(&s->state, PP_W_READY);
+    pp__ring_notify_parent(ctl);
+    current_slot = s;
+
+    unsigned long chunks = 0;
+    uint32_t head = atomic_load(&s->in_head);
+    for (;;) {
+        if (atomic_load_explicit(&s->in_tail, memory_order_acquire) == head) {
+            if (atomic_load(&s->quit))
+                leave(0);
+            wait_for_work(s, head);
+            continue;
+        }
+        bool ran = run_entry(cfg, s, head);
+        head++;
+        atomic_store_explicit(&s->in_head, head, memory_order_release);
+        if (!ran)
+            continue;
+        pp__ring_notify_parent(ctl);
+        chunks++;
+        if (cfg->max_tasks != 0 && chunks >= cfg->max_tasks)
+            leave(0);
+        if (cfg->max_memory != 0 && resident_bytes() > cfg->max_memory)
+            leave(0);
+    }
+}

@@ -1,0 +1,28 @@
+/*
+ * worker: the loop a worker process runs. Knows the control block, never
+ * the parent's books (pool.c).
+ */
+#ifndef PP_WORKER_H
+#define PP_WORKER_H
+
+#include "ring.h"
+
+#include <stddef.h>
+
+struct pp_worker_cfg {
+    struct pp_ctl *ctl;
+    int (*initializer)(void *);
+    void *initarg;
+    unsigned long max_tasks; /* chunks before the worker retires; 0: none */
+    size_t max_memory;       /* resident bytes past which it retires; 0: none */
+    int64_t soft_timeout_ns; /* pp_task_should_stop() after this; 0: none */
+};
+
+/* Runs worker `id` of `cfg` until it is told to quit or retires. Never
+ * returns: ends the process with _exit(). Exit status 0 means a clean
+ * retirement (quit, max_tasks, max_memory); 3 means the initializer failed. */
+_Noreturn void pp__worker_main(const struct pp_worker_cfg *cfg, int id);
+
+#define PP_EXIT_INITFAIL 3
+
+#endif
