@@ -96,7 +96,7 @@ class Side:
     def cell(self, row, nominal):
         vals = self.values.get(row)
         if not vals:
-            if row in self.errors or "side" in self.errors:
+            if row in self.errors or "side" in self.errors or f"workload {row[1]}" in self.errors:
                 return "error"
             return "-"
         mark = "*" if self.sizes.get(row, nominal) != nominal else ""
@@ -198,7 +198,7 @@ def table(sides, seconds):
         out.extend(notes)
     for s in sides:
         for row, msg in s.errors.items():
-            out.append(f"! {s.title} {row}: {msg}")
+            out.append(f"! {s.title}, {row}: {msg}")
     if seconds is not None:
         out.append(f"Suite run time: {seconds:.0f} s")
     return "\n".join(out)
@@ -223,6 +223,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write table and raw runs here")
     ap.add_argument("--seconds", type=float, help="suite run time to report")
+    ap.add_argument("--load", help="1-minute load average before and after the runs")
     ap.add_argument("sides", nargs="+", metavar="SIDE=FILE")
     a = ap.parse_args()
     sides = []
@@ -230,6 +231,14 @@ def main():
         name, _, path = spec.partition("=")
         sides.append(Side(name, path))
     text = table(sides, a.seconds)
+    if a.load:
+        text += f"\nLoad average (1 min) before / after: {' / '.join(a.load.split())}"
+        try:
+            if float(a.load.split()[0]) > 0.5:
+                text += ("\nWARNING: the machine was busy when the suite started; "
+                         "figures are noisier and slower than on an idle machine.")
+        except ValueError:
+            pass
     print(text)
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:

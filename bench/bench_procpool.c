@@ -52,8 +52,8 @@ static void pool_free(void *pool)
     pp_pool_free(pool);
 }
 
-static int map(void *pool, bench_fn *fn, const void *args, size_t n, size_t arg_size,
-               void *results, size_t result_size, size_t chunksize)
+static int map(void *pool, bench_fn *fn, const void *args, size_t n, size_t arg_size, void *results,
+               size_t result_size, size_t chunksize)
 {
     pp_error err;
     int rc = pp_map(pool, fn, args, n, arg_size, results, result_size, chunksize, &err);

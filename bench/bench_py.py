@@ -329,6 +329,9 @@ def main():
     mib = size("w8_mib")
     if selected(8):
         w8_prepare(mib)
+    if not any(selected(w) for w in (1, 2, 3, 4, 5, 6, 8)):
+        print(f"I\tseconds\t{time.perf_counter() - start:.1f}", flush=True)
+        return 0
     pool = side_cls(WORKERS)
     try:
         if selected(1):

@@ -27,8 +27,8 @@ typedef struct bench_backend {
     void *(*pool_new)(int workers);
     int (*close_join)(void *pool);
     void (*pool_free)(void *pool);
-    int (*map)(void *pool, bench_fn *fn, const void *args, size_t n, size_t arg_size,
-               void *results, size_t result_size, size_t chunksize);
+    int (*map)(void *pool, bench_fn *fn, const void *args, size_t n, size_t arg_size, void *results,
+               size_t result_size, size_t chunksize);
     int (*apply)(void *pool, bench_fn *fn, const void *arg, size_t arg_size, void *result,
                  size_t result_size);
     void *(*apply_async)(void *pool, bench_fn *fn, const void *arg, size_t arg_size,

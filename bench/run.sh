@@ -3,37 +3,44 @@
 # Python's multiprocessing.Pool and ProcessPoolExecutor, the plain pthread
 # pool, the serial loop) one after the other, then prints one table and
 # writes it, with every run's raw figure, to <builddir>/bench-results.txt.
-# Knobs (environment): see bench/README.md.
+# Each workload of each side runs in a process of its own under `timeout`,
+# so a hang costs one cell, not the table. Knobs: see bench/README.md.
 set -u
 build=${1:-build-bench}
 here=$(cd "$(dirname "$0")" && pwd)
 raw="$build/bench-raw"
 mkdir -p "$raw"
-limit=${PP_BENCH_SIDE_TIMEOUT:-240}
+limit=${PP_BENCH_TIMEOUT:-90}
 python=${PYTHON:-python3}
+workloads=$(echo "${PP_BENCH_ONLY:-1 2 3 4 5 6 7 8}" | tr ',' ' ')
 sides=""
 
 # run_side NAME COMMAND...: one column of the table.
 run_side() {
     name=$1
     shift
-    sides="$sides $name=$raw/$name.txt"
-    echo "== $name" >&2
-    : >"$raw/$name.txt"
+    out="$raw/$name.txt"
+    sides="$sides $name=$out"
+    : >"$out"
     if [ ! -x "$1" ] && ! command -v "$1" >/dev/null 2>&1; then
-        printf 'E\tside\t%s not built\n' "$1" >"$raw/$name.txt"
-        echo "   $1 not built: skipped" >&2
+        printf 'E\tside\t%s not built\n' "$1" >"$out"
+        echo "== $name: $1 not built, skipped" >&2
         return
     fi
-    timeout "$limit" "$@" >"$raw/$name.txt"
-    rc=$?
-    if [ $rc -ne 0 ]; then
-        printf 'E\tside\texited with status %d (124: ran past %ss)\n' $rc "$limit" \
-            >>"$raw/$name.txt"
-        echo "   $name exited with status $rc" >&2
-    fi
+    echo "== $name" >&2
+    for w in $workloads; do
+        PP_BENCH_ONLY=$w timeout "$limit" "$@" >>"$out"
+        rc=$?
+        if [ $rc -ne 0 ]; then
+            printf 'E\tworkload %s\texited with status %d%s\n' "$w" $rc \
+                "$([ $rc -eq 124 ] && echo " (ran past ${limit}s: hung?)")" >>"$out"
+            echo "   $name, workload $w: exited with status $rc" >&2
+        fi
+    done
 }
 
+load() { cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?"; }
+load0=$(load)
 t0=$(date +%s)
 run_side procpool "$build/bench/bench_procpool"
 run_side pool "$python" "$here/bench_py.py" pool
@@ -47,4 +54,5 @@ t1=$(date +%s)
 
 echo >&2
 # shellcheck disable=SC2086 # $sides is a list of words
-"$python" "$here/aggregate.py" --seconds $((t1 - t0)) --out "$build/bench-results.txt" $sides
+"$python" "$here/aggregate.py" --seconds $((t1 - t0)) --load "$load0 $(load)" \
+    --out "$build/bench-results.txt" $sides
