@@ -100,7 +100,16 @@ class Side:
                 return "error"
             return "-"
         mark = "*" if self.sizes.get(row, nominal) != nominal else ""
+        want = self.reps() * (2 if row.startswith("w7") else 1)
+        if len(vals) < want:
+            mark += f" ({len(vals)} run{'s' if len(vals) > 1 else ''})"
         return f"{si(med(vals))} [{si(min(vals))}-{si(max(vals))}]{mark}"
+
+    def reps(self):
+        try:
+            return int(self.info.get("reps", "5"))
+        except ValueError:
+            return 5
 
 
 def workers_of(side):
@@ -162,7 +171,10 @@ def table(sides, seconds):
             b = s.median(row)
             cells.append(f"{a / b:.3g}x" if a is not None and b else "-")
         text, met = tg.get(row, ("", None))
-        cells += [text, "" if not text else {True: "yes", False: "no", None: "n/a"}[met]]
+        verdict = "" if not text else {True: "yes", False: "no", None: "n/a"}[met]
+        if met is not None and len(pp.values.get(row, [])) < pp.reps():
+            verdict += "?"  # fewer runs than asked for
+        cells += [text, verdict]
         lines.append(cells)
 
     widths = [max(len(c[i]) for c in [header] + lines) for i in range(len(header))]

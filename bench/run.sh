@@ -10,7 +10,14 @@ build=${1:-build-bench}
 here=$(cd "$(dirname "$0")" && pwd)
 raw="$build/bench-raw"
 mkdir -p "$raw"
-limit=${PP_BENCH_TIMEOUT:-90}
+# Seconds one workload of one side may take: a sound side needs a fraction.
+limit_for() {
+    case $1 in
+    6) echo "${PP_BENCH_TIMEOUT:-120}" ;;
+    7) echo "${PP_BENCH_TIMEOUT:-20}" ;;
+    *) echo "${PP_BENCH_TIMEOUT:-60}" ;;
+    esac
+}
 python=${PYTHON:-python3}
 workloads=$(echo "${PP_BENCH_ONLY:-1 2 3 4 5 6 7 8}" | tr ',' ' ')
 sides=""
@@ -29,6 +36,7 @@ run_side() {
     fi
     echo "== $name" >&2
     for w in $workloads; do
+        limit=$(limit_for "$w")
         PP_BENCH_ONLY=$w timeout "$limit" "$@" >>"$out"
         rc=$?
         if [ $rc -ne 0 ]; then
