@@ -45,7 +45,7 @@ void pp__job_settle(struct pp_job *job)
         return;
     }
     job->ready = true;
-    pthread_cond_broadcast(&pool->cond);
+    pool->progress = true;
     pp__job_unref(job); /* the pool's hold */
 }
 
@@ -66,6 +66,7 @@ void pp__resolve_fail(struct pp_job *job, struct pp_chunkrec *rec, size_t index,
 {
     if (job->complete)
         return;
+    job->pool->progress = true;
     pp_error e = {.code = code, .status = status, .index = index};
     snprintf(e.message, sizeof e.message, "%s", text ? text : pp_strerror(code));
     job->resolved++;
@@ -80,6 +81,7 @@ void pp__resolve_fail(struct pp_job *job, struct pp_chunkrec *rec, size_t index,
 
 void pp__resolve_ok(struct pp_job *job, size_t count)
 {
+    job->pool->progress = true;
     job->resolved += count;
     job->pool->stats.completed += count;
 }
@@ -512,6 +514,7 @@ bool pp__collect(pp_pool *pool, int id)
     }
     if (tail == w->out_head)
         return true;
+    pool->progress = true;
     while (w->out_head != tail) {
         struct pp_msg m;
         memcpy(&m, &s->out[w->out_head & PP_RING_MASK], sizeof m);
@@ -667,5 +670,10 @@ void pp__pump(pp_pool *pool)
     if (!pool->terminated && !pool->broken) {
         deal(pool);
         balance(pool);
+    }
+    /* Whoever waits for what we just resolved may be asleep in poll(). */
+    if (pool->progress) {
+        pool->progress = false;
+        pp__notify(pool);
     }
 }

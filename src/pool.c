@@ -99,6 +99,16 @@ static bool on_library_thread(pp_pool *pool)
     return pool->thread_started && pthread_equal(pthread_self(), pool->thread);
 }
 
+void pp__notify(pp_pool *pool)
+{
+    pthread_cond_broadcast(&pool->cond);
+    if (pool->poller && !pthread_equal(pool->poller_thread, pthread_self())) {
+        uint64_t one = 1;
+        ssize_t rc = write(pool->wake_fd, &one, sizeof one);
+        (void)rc; /* EAGAIN: already pending */
+    }
+}
+
 void pp__wake_thread(pp_pool *pool)
 {
     uint64_t one = 1;
@@ -125,9 +135,10 @@ static bool activity(pp_pool *pool)
 static void poll_for_pool(pp_pool *pool, int64_t until)
 {
     pool->poller = true;
+    pool->poller_thread = pthread_self();
     atomic_store(&pool->ctl->parent_sleeping, 1);
     atomic_thread_fence(memory_order_seq_cst);
-    if (!activity(pool) && pool->cbhead == NULL) {
+    if (!activity(pool)) {
         struct pollfd fds[2] = {{.fd = pool->wake_fd, .events = POLLIN},
                                 {.fd = pool->zsock, .events = POLLIN}};
         struct timespec ts, *tsp = NULL;
@@ -167,15 +178,17 @@ int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline)
         pp__pump(pool);
         if (done(arg))
             return 0;
+        bool callbacks_due = pool->cbhead != NULL;
         /* A callback waiting on another job's callback: run it here. */
-        if (pool->cbhead != NULL && on_library_thread(pool)) {
+        if (callbacks_due && on_library_thread(pool)) {
             pp__run_callbacks(pool);
             continue;
         }
         int64_t now = pp__now_ns();
         if (now >= deadline)
             return -ETIMEDOUT;
-        if (!pool->poller) {
+        /* While callbacks are due, the library thread needs the lock. */
+        if (!pool->poller && !callbacks_due) {
             int64_t until = pp__next_timeout(pool);
             poll_for_pool(pool, until < deadline ? until : deadline);
         } else {
@@ -204,7 +217,7 @@ void pp__run_callbacks(pp_pool *pool)
             job->in_callbacks = false;
         }
         job->ready = true;
-        pthread_cond_broadcast(&pool->cond);
+        pp__notify(pool);
         pp__job_unref(job); /* the pool's hold */
     }
 }
@@ -249,7 +262,7 @@ static int map_control_block(pp_pool *pool)
 {
     pool->ctl_bytes = pp__ctl_size((uint32_t)pool->nworkers);
     pool->map_bytes = pool->ctl_bytes + PAYLOAD_BYTES;
-    pool->ctl_fd = memfd_create("procpool", MFD_CLOEXEC);
+    pool->ctl_fd = memfd_create("procpool-ctl", MFD_CLOEXEC);
     if (pool->ctl_fd < 0)
         return -errno;
     if (ftruncate(pool->ctl_fd, (off_t)pool->map_bytes) < 0)

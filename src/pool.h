@@ -122,8 +122,10 @@ struct pp_pool {
     int handles; /* live pp_async / pp_iter handles: the struct outlives
                     pp_pool_free until the last one is freed */
     bool freed;
-    int live;                    /* worker processes not yet reaped */
-    bool poller;                 /* a thread sleeps in poll() for the pool */
+    int live;    /* worker processes not yet reaped */
+    bool poller; /* a thread sleeps in poll() for the pool */
+    pthread_t poller_thread;
+    bool progress;               /* the current pump resolved something */
     unsigned consecutive_deaths; /* deaths of workers that never finished a chunk */
     pthread_t thread;            /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
@@ -160,6 +162,7 @@ void pp__respawn(pp_pool *pool, int id);
 /* pool.c: waiting. Called with mu held; returns with it held. */
 int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline);
 void pp__wake_thread(pp_pool *pool);
+void pp__notify(pp_pool *pool); /* wake every waiter, the poller included */
 void pp__run_callbacks(pp_pool *pool);
 struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
                            size_t chunksize);

@@ -169,6 +169,7 @@ static void on_exit_(pp_pool *pool, int id, int status)
 static void on_zygote_gone(pp_pool *pool)
 {
     pool->zygote_gone = true;
+    pool->progress = true;
     for (int id = 0; id < pool->nworkers; id++)
         if (pool->w[id].state != PP_WS_DOWN) {
             pool->w[id].kill_code = pool->w[id].kill_code ? pool->w[id].kill_code : PP_ECRASH;
@@ -195,6 +196,7 @@ void pp__on_zygote(pp_pool *pool)
             on_zygote_gone(pool);
             return;
         }
+        pool->progress = true; /* a waiter may be waiting for this very word */
         if (got != (ssize_t)sizeof m || m.id >= (uint32_t)pool->nworkers)
             continue;
         struct pp_worker *w = &pool->w[m.id];

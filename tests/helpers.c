@@ -4,6 +4,8 @@
 #include <dirent.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 int count_fds(void)
@@ -58,4 +60,78 @@ int count_mappings_named(const char *needle)
             n++;
     fclose(f);
     return n;
+}
+
+/* The tests crash workers on purpose and read how they died: let signals
+ * kill them rather than having ASan turn them into exit codes. */
+const char *__asan_default_options(void)
+{
+    return "handle_segv=0:handle_sigbus=0:handle_abort=0:handle_sigfpe=0:handle_sigill=0";
+}
+
+int children_of(int pid, int *out, int max)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", pid, pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 0;
+    int n = 0, c;
+    while (n < max && fscanf(f, "%d", &c) == 1)
+        out[n++] = c;
+    fclose(f);
+    return n;
+}
+
+bool process_alive(int pid)
+{
+    char path[64], state = 0;
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return false;
+    /* The state follows the command name, which is in parentheses. */
+    char buf[512];
+    size_t len = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[len] = '\0';
+    char *p = strrchr(buf, ')');
+    if (p && p[1] == ' ')
+        state = p[2];
+    return state != 0 && state != 'Z' && state != 'X';
+}
+
+bool wait_all_dead(const int *pids, int n, double seconds)
+{
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        bool any = false;
+        for (int i = 0; i < n; i++)
+            any |= process_alive(pids[i]);
+        if (!any)
+            return true;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if ((now.tv_sec - start.tv_sec) + (now.tv_nsec - start.tv_nsec) / 1e9 > seconds)
+            return false;
+        usleep(2000); /* polling a condition with a deadline, not a guess */
+    }
+}
+
+struct shared_flags *shared_flags_new(void)
+{
+    void *p = mmap(NULL, sizeof(struct shared_flags), PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void shared_flags_free(struct shared_flags *f)
+{
+    munmap(f, sizeof *f);
+}
+
+void wait_flag(_Atomic int *flag, int value)
+{
+    while (atomic_load(flag) < value)
+        usleep(200);
 }

@@ -2,9 +2,28 @@
 #ifndef PP_TEST_HELPERS_H
 #define PP_TEST_HELPERS_H
 
+#include <stdatomic.h>
+#include <stdbool.h>
+
 int count_fds(void);                          /* open fds of this process */
 int count_children(void);                     /* direct children of this process */
 int count_threads(void);                      /* threads of this process */
 int count_mappings_named(const char *needle); /* lines of /proc/self/maps naming it */
+int children_of(int pid, int *out, int max);  /* direct children of pid */
+bool process_alive(int pid);                  /* exists and is not a zombie */
+bool wait_all_dead(const int *pids, int n, double seconds);
+
+/* Flags in MAP_SHARED memory made before a pool: every worker sees them.
+ * Tests use them to hold a task until the test says so (no sleeping on a
+ * guess: a task waits for a flag, the test waits for a task's flag). */
+struct shared_flags {
+    _Atomic int started;
+    _Atomic int release;
+    _Atomic int count;
+    _Atomic int pids[64];
+};
+struct shared_flags *shared_flags_new(void);
+void shared_flags_free(struct shared_flags *f);
+void wait_flag(_Atomic int *flag, int value); /* until *flag >= value */
 
 #endif

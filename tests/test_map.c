@@ -1,0 +1,205 @@
+/* pp_map, pp_apply and starmap: results, order, chunking, errors, bad input. */
+#include "helpers.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <procpool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int square(const void *arg, void *result)
+{
+    int x = *(const int *)arg;
+    *(int *)result = x * x;
+    return 0;
+}
+
+struct power_args {
+    long base, exponent;
+};
+
+static int cube(const void *arg, void *result)
+{
+    const struct power_args *a = arg;
+    long r = 1;
+    for (long i = 0; i < a->exponent; i++)
+        r *= a->base;
+    *(long *)result = r;
+    return 0;
+}
+
+static int fail_on_multiples_of_7(const void *arg, void *result)
+{
+    int x = *(const int *)arg;
+    if (x % 7 == 0)
+        return pp_fail(100 + x, "item %d is a multiple of 7", x);
+    *(int *)result = x + 1;
+    return 0;
+}
+
+static int report_worker(const void *arg, void *result)
+{
+    (void)arg;
+    *(int *)result = pp_worker_id();
+    return 0;
+}
+
+static int fail_without_message(const void *arg, void *result)
+{
+    (void)arg;
+    (void)result;
+    return 5;
+}
+
+Test(map, squares_in_input_order, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_not_null(pool);
+    enum { N = 10000 };
+    int *in = malloc(N * sizeof *in), *out = malloc(N * sizeof *out);
+    for (int i = 0; i < N; i++)
+        in[i] = i;
+    for (size_t chunk = 0; chunk <= 7; chunk += 7) { /* default rule and an explicit size */
+        memset(out, 0xff, N * sizeof *out);
+        pp_error err;
+        cr_assert_eq(pp_map(pool, square, in, N, sizeof(int), out, sizeof(int), chunk, &err), 0);
+        cr_assert_eq(err.code, 0);
+        for (int i = 0; i < N; i++)
+            cr_assert_eq(out[i], i * i, "item %d", i);
+    }
+    free(in);
+    free(out);
+    pp_pool_free(pool);
+}
+
+Test(map, starmap_over_structs, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 4});
+    struct power_args data[] = {{2, 2}, {3, 3}, {4, 4}};
+    long out[3];
+    cr_assert_eq(pp_map(pool, cube, data, 3, sizeof data[0], out, sizeof out[0], 0, NULL), 0);
+    cr_assert_eq(out[0], 4);
+    cr_assert_eq(out[1], 27);
+    cr_assert_eq(out[2], 256);
+    pp_pool_free(pool);
+}
+
+Test(map, apply_one_call, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int x = 12, y = 0;
+    cr_assert_eq(pp_apply(pool, square, &x, sizeof x, &y, sizeof y, NULL), 0);
+    cr_assert_eq(y, 144);
+    pp_error err;
+    cr_assert_eq(pp_apply(pool, fail_without_message, &x, sizeof x, &y, sizeof y, &err), PP_ETASK);
+    cr_assert_eq(err.status, 5);
+    cr_assert_str_eq(err.message, "task returned 5");
+    pp_pool_free(pool);
+}
+
+Test(map, failures_keep_every_other_result, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    enum { N = 100 };
+    int in[N], out[N];
+    for (int i = 0; i < N; i++)
+        in[i] = i + 1; /* 7, 14, ... 98 fail: 14 items */
+    pp_error err;
+    int rc = pp_map(pool, fail_on_multiples_of_7, in, N, sizeof(int), out, sizeof(int), 3, &err);
+    cr_assert_eq(rc, PP_ETASK);
+    cr_assert_eq(err.code, PP_ETASK);
+    cr_assert_eq(err.index, 6, "lowest failing index, got %zu", err.index);
+    cr_assert_eq(err.status, 107);
+    cr_assert_eq(err.failed, 14);
+    cr_assert_str_eq(err.message, "item 7 is a multiple of 7");
+    for (int i = 0; i < N; i++)
+        if (in[i] % 7 != 0)
+            cr_assert_eq(out[i], in[i] + 1, "item %d", i);
+    /* err may be NULL. */
+    cr_assert_eq(
+        pp_map(pool, fail_on_multiples_of_7, in, N, sizeof(int), out, sizeof(int), 0, NULL),
+        PP_ETASK);
+    pp_pool_free(pool);
+}
+
+Test(map, empty_and_zero_sized, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_eq(pp_map(pool, square, NULL, 0, sizeof(int), NULL, sizeof(int), 0, NULL), 0);
+    /* No arguments and no results at all: the task still runs n times. */
+    int ids[8];
+    cr_assert_eq(pp_map(pool, report_worker, NULL, 8, 0, ids, sizeof(int), 1, NULL), 0);
+    for (int i = 0; i < 8; i++)
+        cr_assert(ids[i] == 0 || ids[i] == 1);
+    pp_pool_free(pool);
+}
+
+Test(map, worker_ids_and_default_size, .timeout = 30)
+{
+    cr_assert_eq(pp_worker_id(), -1);
+    pp_pool *pool = pp_pool_new(NULL);
+    cr_assert_not_null(pool);
+    pp_stats st;
+    cr_assert_eq(pp_pool_stats(pool, &st), 0);
+    cr_assert_eq(st.workers, (int)sysconf(_SC_NPROCESSORS_ONLN));
+    pp_pool_free(pool);
+}
+
+Test(map, large_chunks_through_payload_area, .timeout = 60)
+{
+    /* Chunks far larger than an inbox entry travel through payload blocks. */
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    enum { N = 1 << 20 };
+    int *in = malloc(N * sizeof *in), *out = calloc(N, sizeof *out);
+    for (int i = 0; i < N; i++)
+        in[i] = i & 0x7fff;
+    cr_assert_eq(pp_map(pool, square, in, N, sizeof(int), out, sizeof(int), 0, NULL), 0);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(out[i], in[i] * in[i]);
+    free(in);
+    free(out);
+    pp_pool_free(pool);
+}
+
+Test(map, bad_input_is_einval_and_pool_stays_usable, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int x = 3, y = 0;
+    cr_assert_eq(pp_map(NULL, square, &x, 1, sizeof x, &y, sizeof y, 0, NULL), -EINVAL);
+    cr_assert_eq(pp_map(pool, NULL, &x, 1, sizeof x, &y, sizeof y, 0, NULL), -EINVAL);
+    cr_assert_eq(pp_map(pool, square, NULL, 1, sizeof x, &y, sizeof y, 0, NULL), -EINVAL);
+    cr_assert_eq(pp_map(pool, square, &x, 1, sizeof x, NULL, sizeof y, 0, NULL), -EINVAL);
+    cr_assert_eq(pp_map(pool, square, &x, SIZE_MAX / 2, 4, &y, 4, 0, NULL), -EINVAL);
+    cr_assert_eq(pp_apply(NULL, square, &x, sizeof x, &y, sizeof y, NULL), -EINVAL);
+    cr_assert_eq(pp_apply(pool, NULL, &x, sizeof x, &y, sizeof y, NULL), -EINVAL);
+    cr_assert_eq(pp_apply(pool, square, NULL, sizeof x, &y, sizeof y, NULL), -EINVAL);
+    cr_assert_eq(pp_apply(pool, square, &x, sizeof x, NULL, sizeof y, NULL), -EINVAL);
+    errno = 0;
+    cr_assert_null(pp_pool_new(&(pp_options){.workers = -1}));
+    cr_assert_eq(errno, EINVAL);
+    cr_assert_null(pp_pool_new(&(pp_options){.task_timeout = -1}));
+    cr_assert_eq(errno, EINVAL);
+    cr_assert_eq(pp_close(NULL), -EINVAL);
+    cr_assert_eq(pp_join(NULL), -EINVAL);
+    cr_assert_eq(pp_terminate(NULL), -EINVAL);
+    cr_assert_eq(pp_pool_stats(NULL, NULL), -EINVAL);
+    pp_pool_free(NULL);
+    cr_assert_eq(pp_apply(pool, square, &x, sizeof x, &y, sizeof y, NULL), 0);
+    cr_assert_eq(y, 9);
+    pp_pool_free(pool);
+}
+
+Test(map, strerror_names_every_code, .timeout = 10)
+{
+    int codes[] = {PP_ETASK,     PP_ECRASH,  PP_ETIMEOUT, PP_ECLOSED,  PP_EOWNERDEAD,
+                   PP_ECANCELED, PP_EBROKEN, PP_ESPAWN,   PP_ENOTFOUND};
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+        cr_assert_str_neq(pp_strerror(codes[i]), "unknown procpool error code");
+        for (size_t j = 0; j < i; j++)
+            cr_assert_str_neq(pp_strerror(codes[i]), pp_strerror(codes[j]));
+    }
+    cr_assert_str_eq(pp_strerror(-EINVAL), strerror(EINVAL));
+    cr_assert_str_eq(pp_strerror(0), "success");
+    cr_assert_str_eq(pp_strerror(-20000), "unknown procpool error code");
+}
