@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -226,7 +227,15 @@ def machine():
                     break
     except OSError:
         pass
+    rev = ""
+    try:
+        rev = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)),
+                              "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
     return (f"{platform.node()} | {model or platform.processor()} | {os.cpu_count()} CPUs | "
+            f"commit {rev or '?'} | "
             f"Linux {platform.release()} | Python {platform.python_version()} | "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
 
