@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DEPTH_SMALL 32 /* inbox depth for chunks that fit inline */
+#define DEPTH_SMALL 48 /* inbox depth for chunks that fit inline */
 #define DEPTH_LARGE 2
 
 /* ---- resolution ------------------------------------------------------- */
@@ -464,7 +464,7 @@ void pp__release_abandoned(pp_pool *pool, struct pp_dealt *d)
 static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
 {
     struct pp_job *job = d->piece.job;
-    pp__copy_out(d, 0, d->piece.count, d->res_addr);
+    pp__copy_out(d, d->copied, d->piece.count, d->res_addr);
     if (!job->complete) {
         pp__resolve_ok(job, d->piece.count - d->nfail);
         if (d->piece.rec != NULL)
@@ -495,6 +495,9 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
         text[sizeof text - 1] = '\0';
         d->nfail++;
         d->last_fail = m->item;
+        /* A failed item's slot is left as it was: copy what precedes it. */
+        pp__copy_out(d, d->copied, m->item, d->res_addr);
+        d->copied = m->item + 1;
         pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + m->item, PP_ETASK, m->status,
                          text);
     }
@@ -600,6 +603,7 @@ void pp__job_cancel_queued(struct pp_job *job)
     job->cancelled = true;
     if (job->iter != NULL) {
         pp__iter_fail_undealt(job->iter, PP_ECANCELED, "cancelled");
+        job->next = job->n; /* nothing of it is left to deal, whatever comes later */
     } else {
         while (job->next < job->n) {
             size_t left = job->n - job->next;
@@ -655,9 +659,24 @@ int pp__job_cancel(struct pp_job *job)
 
 /* ---- the pump ------------------------------------------------------------- */
 
+bool pp__busy(pp_pool *pool)
+{
+    for (int id = 0; id < pool->nworkers; id++)
+        if (pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) != 0)
+            return true;
+    return false;
+}
+
 void pp__pump(pp_pool *pool)
 {
-    pp__on_zygote(pool);
+    /* The zygote's socket is read when poll() saw it readable, and now and
+     * then while the pool is too busy to poll: no system call per pump. */
+    int64_t now = pp__now_ns();
+    if (pool->zygote_said || now - pool->zygote_checked > PP_ZYGOTE_CHECK_NS) {
+        pool->zygote_said = false;
+        pool->zygote_checked = now;
+        pp__on_zygote(pool);
+    }
     for (int id = 0; id < pool->nworkers; id++) {
         struct pp_worker *w = &pool->w[id];
         if (w->state == PP_WS_STARTING && atomic_load(&pool->ctl->slot[id].state) == PP_W_READY)
@@ -665,8 +684,8 @@ void pp__pump(pp_pool *pool)
         if (w->state == PP_WS_READY || w->state == PP_WS_EXITING)
             pp__collect(pool, id);
     }
-    if (pool->opts.task_timeout > 0 || pool->opts.task_soft_timeout > 0)
-        pp__check_timeouts(pool, pp__now_ns());
+    if (pool->opts.task_timeout > 0)
+        pp__check_timeouts(pool, now);
     if (!pool->terminated && !pool->broken) {
         deal(pool);
         balance(pool);

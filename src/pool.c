@@ -114,6 +114,7 @@ void pp__wake_thread(pp_pool *pool)
     uint64_t one = 1;
     ssize_t rc = write(pool->wake_fd, &one, sizeof one);
     (void)rc; /* EAGAIN: already pending */
+    pthread_cond_signal(&pool->thread_cond);
     pthread_cond_broadcast(&pool->cond);
 }
 
@@ -153,48 +154,96 @@ static void poll_for_pool(pp_pool *pool, int64_t until)
         pthread_mutex_unlock(&pool->mu);
         ppoll(fds, pool->zygote_gone ? 1 : 2, tsp, NULL);
         pthread_mutex_lock(&pool->mu);
+        if (fds[1].revents)
+            pool->zygote_said = true;
+        if (fds[0].revents) {
+            uint64_t drain;
+            ssize_t rc = read(pool->wake_fd, &drain, sizeof drain);
+            (void)rc;
+        }
     }
     atomic_store(&pool->ctl->parent_sleeping, 0);
-    uint64_t drain;
-    ssize_t rc = read(pool->wake_fd, &drain, sizeof drain);
-    (void)rc;
     pool->poller = false;
     pthread_cond_broadcast(&pool->cond);
 }
 
-static void cond_wait_until(pp_pool *pool, int64_t until)
+static void cond_wait_until(pthread_cond_t *cond, pthread_mutex_t *mu, int64_t until)
 {
     if (until == PP_FOREVER) {
-        pthread_cond_wait(&pool->cond, &pool->mu);
+        pthread_cond_wait(cond, mu);
         return;
     }
     struct timespec ts = {.tv_sec = until / 1000000000, .tv_nsec = until % 1000000000};
-    pthread_cond_timedwait(&pool->cond, &pool->mu, &ts);
+    pthread_cond_timedwait(cond, mu, &ts);
+}
+
+/* How long a poller may sleep: until the next task deadline, and not long
+ * while workers hold work (they only wake us when their inbox runs low, so
+ * a result finished just before a long task would otherwise wait with it). */
+int64_t pp__poll_until(pp_pool *pool)
+{
+    int64_t until = pp__next_timeout(pool);
+    if (pp__busy(pool)) {
+        int64_t soon = pp__now_ns() + PP_BUSY_POLL_NS;
+        if (soon < until)
+            until = soon;
+    }
+    return until;
+}
+
+/* Spins a little, lock released, while workers are busy: a result that is
+ * microseconds away is cheaper to wait for awake than through poll(). */
+static void spin_for_activity(pp_pool *pool)
+{
+    pthread_mutex_unlock(&pool->mu);
+    int64_t until = pp__now_ns() + PP_SPIN_NS;
+    while (!activity(pool) && pp__now_ns() < until)
+        for (int i = 0; i < 32; i++)
+            pp__cpu_relax();
+    pthread_mutex_lock(&pool->mu);
 }
 
 int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline)
 {
+    bool lib = on_library_thread(pool);
+    int rc = 0;
+    bool spun = false;
+    pool->waiters++;
     for (;;) {
         pp__pump(pool);
         if (done(arg))
-            return 0;
+            break;
         bool callbacks_due = pool->cbhead != NULL;
         /* A callback waiting on another job's callback: run it here. */
-        if (callbacks_due && on_library_thread(pool)) {
+        if (callbacks_due && lib) {
             pp__run_callbacks(pool);
             continue;
         }
-        int64_t now = pp__now_ns();
-        if (now >= deadline)
-            return -ETIMEDOUT;
-        /* While callbacks are due, the library thread needs the lock. */
-        if (!pool->poller && !callbacks_due) {
-            int64_t until = pp__next_timeout(pool);
+        if (pp__now_ns() >= deadline) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+        if (!spun && pp__busy(pool)) {
+            spun = true;
+            spin_for_activity(pool);
+            continue;
+        }
+        spun = false;
+        if (pool->poller && pool->poller_is_background) {
+            /* The library thread watches for nobody in particular: we take over. */
+            pp__notify(pool);
+            cond_wait_until(&pool->cond, &pool->mu, deadline);
+        } else if (!pool->poller && !callbacks_due) {
+            int64_t until = pp__poll_until(pool);
             poll_for_pool(pool, until < deadline ? until : deadline);
         } else {
-            cond_wait_until(pool, deadline);
+            /* While callbacks are due, the library thread needs the lock. */
+            cond_wait_until(&pool->cond, &pool->mu, deadline);
         }
     }
+    if (--pool->waiters == 0)
+        pthread_cond_signal(&pool->thread_cond);
+    return rc;
 }
 
 /* ---- callbacks and the library thread --------------------------------------- */
@@ -222,19 +271,25 @@ void pp__run_callbacks(pp_pool *pool)
     }
 }
 
-static bool thread_has_work(void *arg)
-{
-    pp_pool *pool = arg;
-    return pool->cbhead != NULL || pool->thread_stop;
-}
-
+/* The library thread: runs callbacks, and watches the workers when no
+ * caller waits (so async work completes in the background). */
 static void *library_thread(void *arg)
 {
     pp_pool *pool = arg;
     pthread_mutex_lock(&pool->mu);
     while (!pool->thread_stop) {
-        pp__wait(pool, thread_has_work, pool, PP_FOREVER);
-        pp__run_callbacks(pool);
+        pp__pump(pool);
+        if (pool->cbhead != NULL) {
+            pp__run_callbacks(pool);
+            continue;
+        }
+        if (!pool->poller && pool->waiters == 0) {
+            pool->poller_is_background = true;
+            poll_for_pool(pool, pp__poll_until(pool));
+            pool->poller_is_background = false;
+        } else {
+            pthread_cond_wait(&pool->thread_cond, &pool->mu);
+        }
     }
     pthread_mutex_unlock(&pool->mu);
     return NULL;
@@ -344,6 +399,7 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&pool->cond, &ca);
+    pthread_cond_init(&pool->thread_cond, NULL);
     pthread_condattr_destroy(&ca);
     pool->w = calloc((size_t)o.workers, sizeof *pool->w);
     if (pool->w == NULL) {
@@ -370,6 +426,7 @@ fail:
     free(pool->w);
     pthread_mutex_destroy(&pool->mu);
     pthread_cond_destroy(&pool->cond);
+    pthread_cond_destroy(&pool->thread_cond);
     free(pool);
     errno = -rc;
     return NULL;
@@ -600,6 +657,7 @@ void pp__pool_destroy(pp_pool *pool)
     free(pool->w);
     pthread_mutex_destroy(&pool->mu);
     pthread_cond_destroy(&pool->cond);
+    pthread_cond_destroy(&pool->thread_cond);
     free(pool);
 }
 
@@ -638,7 +696,7 @@ PP_API int pp_pool_stats(pp_pool *pool, pp_stats *out)
     out->workers = 0;
     uint64_t queued = 0, running = 0;
     for (struct pp_job *job = pool->qhead; job; job = job->qnext)
-        if (job->iter == NULL)
+        if (job->iter == NULL && !job->cancelled)
             queued += job->n - job->next;
     for (size_t i = 0; i < pool->retry.len; i++)
         queued += pool->retry.v[(pool->retry.head + i) % pool->retry.cap].count;

@@ -67,6 +67,7 @@ struct pp_dealt {
     bool abandoned;          /* its items were failed (terminate); waiting for the worker */
     uint32_t nfail;          /* FAIL messages seen */
     uint32_t last_fail;      /* item of the last FAIL */
+    uint32_t copied;         /* items before this one were copied out or skipped */
     bool results_in_place;   /* the worker wrote results straight to the caller */
     unsigned char *res_addr; /* where the worker wrote them */
 };
@@ -100,6 +101,7 @@ struct pp_retry {
 struct pp_pool {
     pthread_mutex_t mu;
     pthread_cond_t cond; /* broadcast whenever something may have finished */
+    pthread_cond_t thread_cond; /* the library thread: callbacks due, no waiter left */
     struct pp_ctl *ctl;  /* the control block (MAP_SHARED) */
     size_t ctl_bytes, map_bytes;
     int ctl_fd;
@@ -125,6 +127,10 @@ struct pp_pool {
     int live;    /* worker processes not yet reaped */
     bool poller; /* a thread sleeps in poll() for the pool */
     pthread_t poller_thread;
+    bool poller_is_background; /* the library thread polls for nobody in particular */
+    int waiters;               /* threads inside pp__wait */
+    bool zygote_said;          /* poll() saw the zygote socket readable */
+    int64_t zygote_checked;    /* when pp__on_zygote last read it */
     bool progress;               /* the current pump resolved something */
     unsigned consecutive_deaths; /* deaths of workers that never finished a chunk */
     pthread_t thread;            /* the library thread: callbacks, background pumping */
@@ -133,9 +139,14 @@ struct pp_pool {
 };
 
 #define PP_CRASH_LOOP_LIMIT 8 /* deaths in a row with no chunk finished between */
+#define PP_BUSY_POLL_NS 1000000 /* a poller's longest sleep while workers hold work */
+#define PP_SPIN_NS 20000           /* how long a waiter spins before it sleeps */
+#define PP_ZYGOTE_CHECK_NS 2000000 /* busy pumps read the zygote at least this often */
 
 /* dispatch.c: moving work between the books and the rings. */
 void pp__pump(pp_pool *pool); /* collect, supervise, deal */
+bool pp__busy(pp_pool *pool); /* some worker has work in its inbox */
+int64_t pp__poll_until(pp_pool *pool); /* how long a poller may sleep */
 void pp__enqueue(pp_pool *pool, struct pp_job *job);
 void pp__resolve_fail(struct pp_job *job, struct pp_chunkrec *rec, size_t index, int code,
                       int status, const char *text);

@@ -72,7 +72,7 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
     struct pp_piece *p = &d->piece;
     struct pp_job *job = p->job;
     bool already_failed = d->nfail > 0 && d->last_fail == k;
-    pp__copy_out(d, 0, k, d->res_addr);
+    pp__copy_out(d, d->copied, k, d->res_addr);
     if (!job->complete) {
         uint32_t failed_before = d->nfail - (already_failed ? 1 : 0);
         pp__resolve_ok(job, k - failed_before);

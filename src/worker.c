@@ -199,7 +199,11 @@ _Noreturn void pp__worker_main(const struct pp_worker_cfg *cfg, int id)
         atomic_store_explicit(&s->in_head, head, memory_order_release);
         if (!ran)
             continue;
-        pp__ring_notify_parent(ctl);
+        /* Wake a sleeping parent only when the inbox runs low: it refills
+         * a batch per wake-up instead of one entry per system call. */
+        uint32_t left = atomic_load_explicit(&s->in_tail, memory_order_acquire) - head;
+        if (left <= PP_LOW_WATER)
+            pp__ring_notify_parent(ctl);
         chunks++;
         if (cfg->max_tasks != 0 && chunks >= cfg->max_tasks)
             leave(0);

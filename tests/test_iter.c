@@ -1,0 +1,228 @@
+/* pp_imap, pp_imap_unordered, pp_imap_source: order, failures, timeouts, windows. */
+#include "helpers.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <procpool.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+static struct shared_flags *flags;
+
+static void setup(void)
+{
+    flags = shared_flags_new();
+}
+
+static void teardown(void)
+{
+    shared_flags_free(flags);
+}
+
+/* Item 0 waits for the test's release; item 13 crashes; item 21 fails. */
+static int task(const void *arg, void *result)
+{
+    int x = *(const int *)arg;
+    if (x == 13)
+        raise(SIGKILL);
+    if (x == 21)
+        return pp_fail(21, "twenty-one");
+    if (x == -1) {
+        atomic_fetch_add(&flags->started, 1);
+        wait_flag(&flags->release, 1);
+    }
+    *(int *)result = x * 10;
+    return 0;
+}
+
+static void fill(int *in, int n)
+{
+    for (int i = 0; i < n; i++)
+        in[i] = i;
+}
+
+Test(iter, imap_in_input_order_with_failures_reported_in_place, .init = setup, .fini = teardown,
+     .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    enum { N = 300 };
+    int in[N];
+    fill(in, N);
+    pp_iter *it = pp_imap(pool, task, in, N, sizeof(int), sizeof(int), 0);
+    cr_assert_not_null(it);
+    size_t index;
+    int r, rc, n = 0;
+    pp_error err;
+    while ((rc = pp_iter_next(it, &r, &index, -1, &err)) != 0) {
+        cr_assert_eq(index, (size_t)n, "in order");
+        if (n == 13) {
+            cr_assert_eq(rc, PP_ECRASH);
+            cr_assert_eq(err.index, 13);
+            cr_assert_eq(err.status, SIGKILL);
+        } else if (n == 21) {
+            cr_assert_eq(rc, PP_ETASK);
+            cr_assert_eq(err.status, 21);
+            cr_assert_str_eq(err.message, "twenty-one");
+        } else {
+            cr_assert_eq(rc, 1);
+            cr_assert_eq(r, n * 10);
+        }
+        n++;
+    }
+    cr_assert_eq(n, N);
+    cr_assert_eq(pp_iter_next(it, &r, &index, -1, NULL), 0, "stays at the end");
+    pp_iter_free(it);
+    pp_pool_free(pool);
+}
+
+Test(iter, unordered_yields_as_results_arrive, .init = setup, .fini = teardown, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    enum { N = 50 };
+    int in[N];
+    fill(in, N);
+    in[0] = -1; /* item 0 is held until every other item came back */
+    pp_iter *it = pp_imap_unordered(pool, task, in, N, sizeof(int), sizeof(int), 1);
+    bool seen[N] = {false};
+    size_t index;
+    int r;
+    for (int k = 0; k < N - 1; k++) {
+        int rc = pp_iter_next(it, &r, &index, -1, NULL);
+        cr_assert(index != 0, "item 0 is still held");
+        cr_assert(!seen[index]);
+        seen[index] = true;
+        if (index == 13)
+            cr_assert_eq(rc, PP_ECRASH);
+        else if (index == 21)
+            cr_assert_eq(rc, PP_ETASK);
+        else
+            cr_assert_eq(r, in[index] * 10);
+    }
+    /* In order this would have blocked on item 0 from the start. */
+    cr_assert_eq(pp_iter_next(it, &r, &index, 0.01, NULL), -ETIMEDOUT);
+    atomic_store(&flags->release, 1);
+    cr_assert_eq(pp_iter_next(it, &r, &index, -1, NULL), 1);
+    cr_assert_eq(index, 0);
+    cr_assert_eq(r, -10);
+    cr_assert_eq(pp_iter_next(it, &r, &index, -1, NULL), 0);
+    pp_iter_free(it);
+    pp_pool_free(pool);
+}
+
+Test(iter, next_times_out_and_goes_on, .init = setup, .fini = teardown, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int in[3] = {-1, 1, 2};
+    pp_iter *it = pp_imap(pool, task, in, 3, sizeof(int), sizeof(int), 1);
+    int r;
+    cr_assert_eq(pp_iter_next(it, &r, NULL, 0, NULL), -ETIMEDOUT);
+    cr_assert_eq(pp_iter_next(it, &r, NULL, 0.02, NULL), -ETIMEDOUT);
+    atomic_store(&flags->release, 1);
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(pp_iter_next(it, &r, NULL, -1, NULL), 1);
+        cr_assert_eq(r, in[i] * 10);
+    }
+    cr_assert_eq(pp_iter_next(it, &r, NULL, -1, NULL), 0);
+    pp_iter_free(it);
+    pp_pool_free(pool);
+}
+
+struct counter_source {
+    long next, end;
+    long max_outstanding; /* taken and not handed back, seen by the source */
+    long *handed_back;
+};
+
+static int count_source(void *state, void *arg)
+{
+    struct counter_source *s = state;
+    if (s->next >= s->end)
+        return 0;
+    long outstanding = s->next - *s->handed_back;
+    if (outstanding > s->max_outstanding)
+        s->max_outstanding = outstanding;
+    *(int *)arg = (int)(s->next++ % 1000);
+    return 1;
+}
+
+static int plus_one(const void *arg, void *result)
+{
+    *(int *)result = *(const int *)arg + 1;
+    return 0;
+}
+
+Test(iter, source_is_pulled_within_the_window, .timeout = 60)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    for (int ordered = 0; ordered < 2; ordered++) {
+        long handed = 0;
+        struct counter_source s = {.end = 20000, .handed_back = &handed};
+        pp_iter *it = pp_imap_source(pool, plus_one, count_source, &s, sizeof(int), sizeof(int), 4,
+                                     64, ordered);
+        cr_assert_not_null(it);
+        int r;
+        size_t index;
+        long sum = 0;
+        while (pp_iter_next(it, &r, &index, -1, NULL) == 1) {
+            cr_assert_eq(r, (int)(index % 1000) + 1);
+            if (ordered)
+                cr_assert_eq((long)index, handed);
+            handed++;
+            sum += r;
+        }
+        cr_assert_eq(handed, 20000);
+        cr_assert(s.max_outstanding < 64, "window held: %ld outstanding", s.max_outstanding);
+        pp_iter_free(it);
+    }
+    pp_pool_free(pool);
+}
+
+Test(iter, freeing_early_cancels_the_rest, .init = setup, .fini = teardown, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    enum { N = 5000 };
+    int *in = malloc(N * sizeof *in);
+    fill(in, N);
+    in[1] = -1; /* holds the only worker: everything after it waits */
+    in[13] = in[21] = 1;
+    pp_iter *it = pp_imap(pool, task, in, N, sizeof(int), sizeof(int), 1);
+    int r;
+    cr_assert_eq(pp_iter_next(it, &r, NULL, -1, NULL), 1);
+    wait_flag(&flags->started, 1);
+    pp_iter_free(it);
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.queued, 0, "queued %lu run %lu canc %lu sub %lu comp %lu",
+                 (unsigned long)st.queued, (unsigned long)st.running, (unsigned long)st.cancelled,
+                 (unsigned long)st.submitted, (unsigned long)st.completed);
+    cr_assert_eq(st.running, 1);
+    cr_assert_eq(st.submitted, st.completed + st.cancelled + st.running);
+    cr_assert(st.cancelled > 1000, "cancelled %lu", (unsigned long)st.cancelled);
+    atomic_store(&flags->release, 1);
+    int x = 4, y;
+    cr_assert_eq(pp_apply(pool, task, &x, sizeof x, &y, sizeof y, NULL), 0);
+    cr_assert_eq(y, 40);
+    free(in);
+    pp_pool_free(pool);
+}
+
+Test(iter, bad_input, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int x = 1;
+    errno = 0;
+    cr_assert_null(pp_imap(NULL, task, &x, 1, sizeof x, sizeof x, 1));
+    cr_assert_eq(errno, EINVAL);
+    cr_assert_null(pp_imap(pool, NULL, &x, 1, sizeof x, sizeof x, 1));
+    cr_assert_null(pp_imap_unordered(pool, task, NULL, 1, sizeof x, sizeof x, 1));
+    cr_assert_null(pp_imap_source(pool, task, NULL, NULL, sizeof x, sizeof x, 1, 0, true));
+    cr_assert_eq(pp_iter_next(NULL, &x, NULL, 0, NULL), -EINVAL);
+    pp_iter *it = pp_imap(pool, task, &x, 1, sizeof x, sizeof x, 1);
+    cr_assert_eq(pp_iter_next(it, NULL, NULL, -1, NULL), -EINVAL);
+    cr_assert_eq(pp_iter_next(it, &x, NULL, -1, NULL), 1);
+    cr_assert_eq(x, 10);
+    pp_iter_free(it);
+    pp_iter_free(NULL);
+    pp_pool_free(pool);
+}
