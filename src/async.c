@@ -27,23 +27,24 @@ static pp_async *submit_async(pp_pool *pool, pp_fn *fn, const void *args, size_t
         errno = EINVAL;
         return NULL;
     }
-    pp_async *a = calloc(1, sizeof *a);
-    struct pp_job *job = pp__job_new(pool, fn, n, arg_size, result_size, chunksize);
+    /* One block: the job, then the handle, the arguments and the results. */
     size_t abytes = n * arg_size, rbytes = n * result_size;
-    void *argcopy = abytes ? malloc(abytes) : NULL;
-    void *results = rbytes ? calloc(n, result_size) : NULL;
-    if (a == NULL || job == NULL || (abytes && argcopy == NULL) || (rbytes && results == NULL)) {
-        free(a);
-        free(job);
-        free(argcopy);
-        free(results);
+    size_t hbytes = (sizeof(pp_async) + 15) & ~(size_t)15, aspan = (abytes + 15) & ~(size_t)15;
+    if (aspan > SIZE_MAX - hbytes - rbytes) {
         errno = ENOMEM;
         return NULL;
     }
-    if (argcopy)
-        memcpy(argcopy, args, abytes);
-    job->args = job->owned_args = argcopy;
-    job->results = job->owned_results = results;
+    struct pp_job *job =
+        pp__job_new(pool, fn, n, arg_size, result_size, chunksize, hbytes + aspan + rbytes);
+    if (job == NULL) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    pp_async *a = (pp_async *)job->extra;
+    if (abytes)
+        memcpy(job->extra + hbytes, args, abytes);
+    job->args = job->extra + hbytes;
+    job->results = rbytes ? job->extra + hbytes + aspan : NULL;
     job->callback = callback;
     job->error_callback = error_callback;
     job->userdata = userdata;
@@ -52,10 +53,7 @@ static pp_async *submit_async(pp_pool *pool, pp_fn *fn, const void *args, size_t
     int rc = pp__submit(pool, job);
     pthread_mutex_unlock(&pool->mu);
     if (rc < 0) {
-        free(argcopy);
-        free(results);
         free(job);
-        free(a);
         errno = rc == PP_ECLOSED ? ESHUTDOWN : ECHILD;
         return NULL;
     }
@@ -168,11 +166,10 @@ PP_API void pp_async_free(pp_async *a)
         if (job->in_callbacks && !pthread_equal(pthread_self(), pool->thread))
             pp__wait(pool, not_in_callbacks, job, PP_FOREVER);
     }
-    pp__job_unref(job);
+    pp__job_unref(job); /* the handle lives in the job's block: not touched after */
     pp__handle_gone(pool);
     bool dead = pp__pool_dead(pool);
     pthread_mutex_unlock(&pool->mu);
     if (dead)
         pp__pool_destroy(pool);
-    free(a);
 }

@@ -31,7 +31,7 @@
 void pp__job_settle(struct pp_job *job)
 {
     pp_pool *pool = job->pool;
-    if (job->complete || job->resolved < job->n || job->iter != NULL)
+    if (job->complete || job->resolved < job->n || job->streaming)
         return;
     job->complete = true;
     if (!job->orphaned && (job->callback != NULL || job->error_callback != NULL)) {
@@ -182,6 +182,26 @@ void pp__enqueue(pp_pool *pool, struct pp_job *job)
     pool->qtail = job;
 }
 
+/* Takes a job out of the queue wherever it is (cancellation: rare). */
+void pp__dequeue(pp_pool *pool, struct pp_job *job)
+{
+    if (!job->queued)
+        return;
+    struct pp_job *prev = NULL;
+    for (struct pp_job *j = pool->qhead; j != NULL; prev = j, j = j->qnext) {
+        if (j != job)
+            continue;
+        if (prev)
+            prev->qnext = j->qnext;
+        else
+            pool->qhead = j->qnext;
+        if (pool->qtail == j)
+            pool->qtail = prev;
+        break;
+    }
+    job->queued = false;
+}
+
 static void dequeue_head(pp_pool *pool)
 {
     struct pp_job *job = pool->qhead;
@@ -195,7 +215,7 @@ static void dequeue_head(pp_pool *pool)
 static size_t piece_limit(pp_pool *pool, const struct pp_job *job)
 {
     size_t per = job->arg_size + job->result_size;
-    size_t budget = pp__payload_max(&pool->payload) / 4;
+    size_t budget = pool->piece_budget;
     size_t lim = per ? budget / per : SIZE_MAX;
     if (lim > UINT32_MAX)
         lim = UINT32_MAX;
@@ -341,6 +361,13 @@ static bool try_post(pp_pool *pool, int id, struct pp_piece *p, uint32_t depth)
 /* Deals until every ready worker holds enough or nothing is left. */
 static void deal(pp_pool *pool)
 {
+    if (pool->retry.len == 0 && pool->qhead == NULL)
+        return;
+    bool room = false;
+    for (int id = 0; id < pool->nworkers && !room; id++)
+        room = pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) < DEPTH_SMALL;
+    if (!room)
+        return;
     struct pp_piece p;
     bool have = next_piece(pool, &p);
     bool *posted = calloc((size_t)pool->nworkers, sizeof *posted);
@@ -465,15 +492,19 @@ static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
 {
     struct pp_job *job = d->piece.job;
     pp__copy_out(d, d->copied, d->piece.count, d->res_addr);
-    if (!job->complete) {
+    if (job->cancelled) {
+        /* It stopped cooperatively (or finished) after it was cancelled. */
+        pp__fail_piece(&d->piece, d->nfail, PP_ECANCELED, "cancelled; the task returned");
+    } else if (!job->complete) {
         pp__resolve_ok(job, d->piece.count - d->nfail);
         if (d->piece.rec != NULL)
             pp__iter_ok(d->piece.rec, d->piece.start, d->piece.count);
     }
+    w->cancel_at = 0;
     d->done = true;
     pp__payload_free(&pool->payload, &d->extent);
     w->succeeded = true;
-    pool->consecutive_deaths = 0;
+    w->early_deaths = 0;
     pp__job_settle(job);
     pp__piece_release(pool, &d->piece);
 }
@@ -533,6 +564,24 @@ bool pp__collect(pp_pool *pool, int id)
 
 /* ---- failing what is pending ---------------------------------------------- */
 
+/* Fails the unresolved items of every dealt entry (of `job`, or of all jobs
+ * when it is NULL). The entries stay, abandoned, until their workers answer
+ * or die: only then are their payload blocks free for reuse. */
+static void abandon_dealt(pp_pool *pool, struct pp_job *job, int code, const char *why)
+{
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_worker *w = &pool->w[id];
+        for (uint32_t pos = w->retired; pos != w->tail; pos++) {
+            struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+            if (d->done || d->withdrawn || d->abandoned || (job && d->piece.job != job))
+                continue;
+            pp__fail_piece(&d->piece, d->nfail, code, why);
+            d->abandoned = true;
+            pp__job_settle(d->piece.job);
+        }
+    }
+}
+
 void pp__fail_pending(pp_pool *pool, int code, const char *why)
 {
     struct pp_piece p;
@@ -560,17 +609,7 @@ void pp__fail_pending(pp_pool *pool, int code, const char *why)
         }
         pp__job_settle(job);
     }
-    for (int id = 0; id < pool->nworkers; id++) {
-        struct pp_worker *w = &pool->w[id];
-        for (uint32_t pos = w->retired; pos != w->tail; pos++) {
-            struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
-            if (d->done || d->withdrawn || d->abandoned)
-                continue;
-            pp__fail_piece(&d->piece, d->nfail, code, why);
-            d->abandoned = true; /* payload and hold stay until the worker is gone */
-            pp__job_settle(d->piece.job);
-        }
-    }
+    abandon_dealt(pool, NULL, code, why);
 }
 
 /* ---- cancelling ------------------------------------------------------------ */
@@ -601,6 +640,7 @@ void pp__job_cancel_queued(struct pp_job *job)
 {
     pp_pool *pool = job->pool;
     job->cancelled = true;
+    pp__dequeue(pool, job);
     if (job->iter != NULL) {
         pp__iter_fail_undealt(job->iter, PP_ECANCELED, "cancelled");
         job->next = job->n; /* nothing of it is left to deal, whatever comes later */
@@ -640,18 +680,21 @@ int pp__job_cancel(struct pp_job *job)
     if (job->complete)
         return -EALREADY;
     pp__job_cancel_queued(job);
+    /* What is left of it in the inboxes was claimed: it is running, or about
+     * to. pp_task_should_stop() turns true there; past the grace period the
+     * worker is killed (pp__check_timeouts). */
     for (int id = 0; id < pool->nworkers; id++) {
         struct pp_worker *w = &pool->w[id];
-        struct pp_slot *s = &pool->ctl->slot[id];
-        if (w->state != PP_WS_READY || !atomic_load(&s->busy))
+        if (w->state != PP_WS_READY)
             continue;
-        uint32_t cur = atomic_load(&s->cur_seq);
-        if (cur - w->retired >= w->tail - w->retired)
-            continue;
-        struct pp_dealt *d = &w->dealt[cur & PP_RING_MASK];
-        if (d->piece.job == job && !d->done && !d->abandoned) {
-            atomic_store(&s->stop, 1);
-            pp__kill_worker(pool, id, PP_ECANCELED);
+        for (uint32_t pos = w->retired; pos != w->tail; pos++) {
+            struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+            if (d->piece.job != job || d->done || d->withdrawn || d->abandoned)
+                continue;
+            atomic_store(&pool->ctl->slot[id].stop, 1);
+            w->cancel_seq = pos;
+            w->cancel_at = pp__now_ns() + PP_CANCEL_GRACE_NS;
+            pool->cancels++;
         }
     }
     return 0;
@@ -659,12 +702,12 @@ int pp__job_cancel(struct pp_job *job)
 
 /* ---- the pump ------------------------------------------------------------- */
 
-bool pp__busy(pp_pool *pool)
+int pp__busy(pp_pool *pool)
 {
+    int busy = 0;
     for (int id = 0; id < pool->nworkers; id++)
-        if (pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) != 0)
-            return true;
-    return false;
+        busy += pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) != 0;
+    return busy;
 }
 
 void pp__pump(pp_pool *pool)
@@ -684,7 +727,7 @@ void pp__pump(pp_pool *pool)
         if (w->state == PP_WS_READY || w->state == PP_WS_EXITING)
             pp__collect(pool, id);
     }
-    if (pool->opts.task_timeout > 0)
+    if (pool->opts.task_timeout > 0 || pool->cancels > 0)
         pp__check_timeouts(pool, now);
     if (!pool->terminated && !pool->broken) {
         deal(pool);

@@ -34,6 +34,7 @@ struct pp_iter {
     size_t array_n;
     size_t window, chunksize;
     size_t taken, returned;
+    size_t undealt; /* items in records not dealt yet */
     bool source_done;
     struct pp_chunkrec *head, *tail;   /* records not fully handed back, in order */
     struct pp_chunkrec *dhead, *dtail; /* records not dealt yet */
@@ -62,13 +63,8 @@ static struct rec_box *box_of(struct pp_chunkrec *rec)
 
 static void rec_free(struct pp_chunkrec *rec)
 {
-    struct rec_box *b = box_of(rec);
-    if (b->o.owns_args)
-        free(rec->args);
-    free(rec->results);
-    free(rec->state);
     free(rec->errs);
-    free(b);
+    free(box_of(rec)); /* states, results and arguments live in the same block */
 }
 
 void pp__iter_rec_maybe_free(struct pp_chunkrec *rec)
@@ -78,38 +74,47 @@ void pp__iter_rec_maybe_free(struct pp_chunkrec *rec)
         rec_free(rec);
 }
 
+static size_t round16(size_t n)
+{
+    return (n + 15) & ~(size_t)15;
+}
+
+/* One allocation per record: the box, then results, arguments (unless they
+ * are read in place from the caller's array) and per-item states. */
 static struct pp_chunkrec *rec_new(struct pp_iter *it, size_t first, size_t cap)
 {
-    struct rec_box *b = calloc(1, sizeof *b);
-    if (b == NULL)
-        return NULL;
-    struct pp_chunkrec *rec = &b->rec;
     size_t a = it->job->arg_size, r = it->job->result_size;
-    b->o.it = it;
-    rec->first = first;
-    rec->state = calloc(cap, 1);
-    rec->results = r ? calloc(cap, r) : NULL;
-    if (it->source != NULL) {
-        b->o.owns_args = true;
-        rec->args = a ? malloc(cap * a) : NULL;
-    } else {
-        rec->args = (unsigned char *)it->array + first * a; /* read in place */
-    }
-    if (rec->state == NULL || (r && rec->results == NULL) ||
-        (b->o.owns_args && a && rec->args == NULL)) {
-        rec_free(rec);
+    bool own_args = it->source != NULL;
+    size_t head = round16(sizeof(struct rec_box));
+    size_t rbytes = round16(cap * r), abytes = own_args ? round16(cap * a) : 0;
+    unsigned char *mem = calloc(1, head + rbytes + abytes + cap);
+    if (mem == NULL)
         return NULL;
-    }
+    struct rec_box *b = (struct rec_box *)mem;
+    struct pp_chunkrec *rec = &b->rec;
+    b->o.it = it;
+    b->o.owns_args = own_args;
+    rec->first = first;
+    rec->results = mem + head;
+    rec->args =
+        own_args ? mem + head + rbytes : (unsigned char *)it->array + first * a; /* read in place */
+    rec->state = mem + head + rbytes + abytes;
     return rec;
 }
 
 /* ---- dispatcher hooks (mu held) ------------------------------------------------ */
+
+size_t pp__iter_undealt(const struct pp_iter *it)
+{
+    return it->undealt;
+}
 
 bool pp__iter_take(struct pp_iter *it, struct pp_piece *p)
 {
     struct pp_chunkrec *rec = it->dhead;
     if (rec == NULL)
         return false;
+    it->undealt -= rec->count;
     it->dhead = rec->dnext;
     if (it->dhead == NULL)
         it->dtail = NULL;
@@ -173,6 +178,7 @@ void pp__iter_fail_undealt(struct pp_iter *it, int code, const char *why)
     struct pp_chunkrec *rec;
     while ((rec = it->dhead) != NULL) {
         it->dhead = rec->dnext;
+        it->undealt -= rec->count;
         for (uint32_t i = 0; i < rec->count; i++)
             pp__resolve_fail(it->job, rec, rec->first + i, code, 0, why);
     }
@@ -194,6 +200,9 @@ static int pull(struct pp_iter *it, unsigned char *dst, size_t idx)
 static int refill(struct pp_iter *it)
 {
     pp_pool *pool = it->pool;
+    bool added = false;
+    if (pool->ctl == NULL) /* the pool was freed: nothing more is taken */
+        it->source_done = true;
     while (!it->source_done && it->taken - it->returned < it->window) {
         if (pool->terminated || pool->broken) {
             it->source_done = true;
@@ -226,6 +235,7 @@ static int refill(struct pp_iter *it)
         it->taken += got;
         it->job->n += got;
         pool->stats.submitted += got;
+        rec->prev = it->tail;
         if (it->tail)
             it->tail->next = rec;
         else
@@ -236,9 +246,12 @@ static int refill(struct pp_iter *it)
         else
             it->dhead = rec;
         it->dtail = rec;
+        it->undealt += got;
         pp__enqueue(pool, it->job);
+        added = true;
     }
-    pp__pump(pool);
+    if (added)
+        pp__pump(pool);
     return 0;
 }
 
@@ -246,14 +259,14 @@ static int refill(struct pp_iter *it)
 
 static void unlink_rec(struct pp_iter *it, struct pp_chunkrec *rec)
 {
-    struct pp_chunkrec **pp = &it->head, *prev = NULL;
-    while (*pp != rec) {
-        prev = *pp;
-        pp = &(*pp)->next;
-    }
-    *pp = rec->next;
-    if (it->tail == rec)
-        it->tail = prev;
+    if (rec->prev)
+        rec->prev->next = rec->next;
+    else
+        it->head = rec->next;
+    if (rec->next)
+        rec->next->prev = rec->prev;
+    else
+        it->tail = rec->prev;
     box_of(rec)->o.linked = false;
     pp__iter_rec_maybe_free(rec);
 }
@@ -348,7 +361,7 @@ static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, pp_source *source, void *stat
                          size_t chunksize, size_t window, bool ordered)
 {
     pp_iter *it = calloc(1, sizeof *it);
-    struct pp_job *job = pp__job_new(pool, fn, 0, arg_size, result_size, chunksize);
+    struct pp_job *job = pp__job_new(pool, fn, 0, arg_size, result_size, chunksize, 0);
     if (it == NULL || job == NULL) {
         free(it);
         free(job);
@@ -357,6 +370,7 @@ static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, pp_source *source, void *stat
     }
     job->refs = 1; /* only the handle: an iterator's job is never "ready" */
     job->iter = it;
+    job->streaming = true;
     *it = (pp_iter){.pool = pool,
                     .job = job,
                     .ordered = ordered,
@@ -428,7 +442,7 @@ PP_API void pp_iter_free(pp_iter *it)
     pp_pool *pool = it->pool;
     pthread_mutex_lock(&pool->mu);
     struct pp_job *job = it->job;
-    if (pool->ctl != NULL)
+    if (pool->ctl != NULL) /* what runs now finishes, and counts as cancelled */
         pp__job_cancel_queued(job);
     /* Undealt records are ours alone; dealt ones go when their work ends. */
     struct pp_chunkrec *rec = it->head, *next;
@@ -439,7 +453,6 @@ PP_API void pp_iter_free(pp_iter *it)
         pp__iter_rec_maybe_free(rec);
     }
     job->iter = NULL;
-    job->complete = true; /* late answers for it are dropped */
     pp__job_unref(job);
     pp__handle_gone(pool);
     bool dead = pp__pool_dead(pool);

@@ -8,9 +8,9 @@
 
 /* A chunk of an iterator's items: their arguments, results and states. */
 struct pp_chunkrec {
-    struct pp_chunkrec *next;  /* iterator's list, in input order */
-    struct pp_chunkrec *dnext; /* not yet dealt, in input order */
-    size_t first;              /* input position of item 0 */
+    struct pp_chunkrec *next, *prev; /* iterator list, in input order */
+    struct pp_chunkrec *dnext;       /* not yet dealt, in input order */
+    size_t first;                    /* input position of item 0 */
     uint32_t count;
     uint32_t unreturned;    /* items not yet handed to the caller */
     uint32_t inflight;      /* pieces of it dealt or waiting to be dealt again */
@@ -28,6 +28,8 @@ bool pp__iter_take(struct pp_iter *it, struct pp_piece *p);
 void pp__iter_ok(struct pp_chunkrec *rec, size_t start, size_t count);
 /* Item `index` failed. */
 void pp__iter_fail(struct pp_chunkrec *rec, size_t index, const pp_error *err);
+/* Items taken from the source and not dealt yet. */
+size_t pp__iter_undealt(const struct pp_iter *it);
 /* Frees rec if every item was handed back and no piece refers to it. */
 void pp__iter_rec_maybe_free(struct pp_chunkrec *rec);
 /* Undealt chunks fail with `code` (terminate, crash loop). */

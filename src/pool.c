@@ -37,11 +37,15 @@
 /* ---- jobs ----------------------------------------------------------------- */
 
 struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
-                           size_t chunksize)
+                           size_t chunksize, size_t extra)
 {
-    struct pp_job *job = calloc(1, sizeof *job);
+    size_t head = (sizeof(struct pp_job) + 15) & ~(size_t)15;
+    if (extra > SIZE_MAX - head)
+        return NULL;
+    struct pp_job *job = calloc(1, head + extra);
     if (job == NULL)
         return NULL;
+    job->extra = extra ? (unsigned char *)job + head : NULL;
     job->pool = pool;
     job->fn = fn;
     job->n = n;
@@ -67,6 +71,7 @@ void pp__job_maybe_free(struct pp_job *job)
 {
     if (job->refs > 0 || job->inflight > 0)
         return;
+    pp__dequeue(job->pool, job); /* never left behind in the queue */
     if (job->aprev) {
         *job->aprev = job->anext;
         if (job->anext)
@@ -223,7 +228,7 @@ int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline)
             rc = -ETIMEDOUT;
             break;
         }
-        if (!spun && pp__busy(pool)) {
+        if (!spun && pp__busy(pool) > 0) {
             spun = true;
             spin_for_activity(pool);
             continue;
@@ -331,6 +336,7 @@ static int map_control_block(pp_pool *pool)
     pool->ctl->nworkers = (uint32_t)pool->nworkers;
     pool->payload.base = (unsigned char *)p + pool->ctl_bytes;
     pool->payload.size = PAYLOAD_BYTES;
+    pool->piece_budget = pp__payload_max(&pool->payload) / 4;
     return 0;
 }
 
@@ -483,7 +489,7 @@ PP_API int pp_map(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t a
     if ((arg_size && n > SIZE_MAX / arg_size) || (result_size && n > SIZE_MAX / result_size))
         return -EINVAL;
     struct pp_job *job = pp__job_new(pool, fn, n, arg_size, result_size,
-                                     chunksize ? chunksize : pp__default_chunksize(pool, n));
+                                     chunksize ? chunksize : pp__default_chunksize(pool, n), 0);
     if (job == NULL)
         return -ENOMEM;
     job->args = args;
@@ -497,7 +503,7 @@ PP_API int pp_apply(pp_pool *pool, pp_fn *fn, const void *arg, size_t arg_size, 
     if (pool == NULL || fn == NULL || (arg == NULL && arg_size != 0) ||
         (result == NULL && result_size != 0))
         return -EINVAL;
-    struct pp_job *job = pp__job_new(pool, fn, 1, arg_size, result_size, 1);
+    struct pp_job *job = pp__job_new(pool, fn, 1, arg_size, result_size, 1, 0);
     if (job == NULL)
         return -ENOMEM;
     job->args = arg;
@@ -570,7 +576,7 @@ static bool drained(void *arg)
         return false;
     for (struct pp_job *job = pool->all; job; job = job->anext)
         if (job->in_callbacks || job->inflight > 0 ||
-            (job->iter == NULL && job->complete && !job->ready))
+            (!job->streaming && job->complete && !job->ready))
             return false;
     return true;
 }
@@ -696,22 +702,26 @@ PP_API int pp_pool_stats(pp_pool *pool, pp_stats *out)
     out->workers = 0;
     uint64_t queued = 0, running = 0;
     for (struct pp_job *job = pool->qhead; job; job = job->qnext)
-        if (job->iter == NULL && !job->cancelled)
-            queued += job->n - job->next;
+        if (!job->cancelled)
+            queued += job->iter ? pp__iter_undealt(job->iter) : job->n - job->next;
     for (size_t i = 0; i < pool->retry.len; i++)
         queued += pool->retry.v[(pool->retry.head + i) % pool->retry.cap].count;
     for (int id = 0; pool->ctl && id < pool->nworkers; id++) {
         struct pp_worker *w = &pool->w[id];
         if (w->state == PP_WS_READY || w->state == PP_WS_STARTING)
             out->workers++;
+        uint32_t cur = atomic_load(&pool->ctl->slot[id].cur_seq);
+        bool busy = atomic_load(&pool->ctl->slot[id].busy) && w->state == PP_WS_READY;
         for (uint32_t pos = w->retired; pos != w->tail; pos++) {
             struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
-            if (!d->done && !d->withdrawn && !d->abandoned)
-                queued += d->piece.count;
-        }
-        if (atomic_load(&pool->ctl->slot[id].busy) && w->state == PP_WS_READY) {
-            running++;
-            queued--;
+            if (d->done || d->withdrawn || d->abandoned)
+                continue;
+            uint32_t left = d->piece.count - d->nfail; /* failed items are counted */
+            if (busy && pos == cur && left > 0) {
+                running++;
+                left--;
+            }
+            queued += left;
         }
     }
     out->queued = queued;

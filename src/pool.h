@@ -27,6 +27,7 @@ struct pp_job {
     const unsigned char *args;        /* item i at args + i * arg_size (map jobs) */
     unsigned char *results;           /* item i at results + i * result_size (map jobs) */
     void *owned_args, *owned_results; /* freed with the job */
+    unsigned char *extra;             /* bytes allocated with the job itself */
     size_t next;                      /* first item not yet dealt (map jobs) */
     size_t resolved;                  /* items finished, either way */
     size_t nfailed;
@@ -42,6 +43,7 @@ struct pp_job {
     pp_error_callback *error_callback;
     void *userdata;
     struct pp_iter *iter; /* set for iterator jobs */
+    bool streaming;       /* an iterator job: never complete, no pool hold */
     struct pp_job *qnext; /* the pool's queue of jobs with undealt items */
     bool queued;
     struct pp_job *cbnext;         /* the pool's list of callbacks to run */
@@ -88,6 +90,10 @@ struct pp_worker {
     uint32_t out_head; /* next outbox position we read */
     int kill_code;     /* why we killed it: PP_ETIMEOUT, PP_ECANCELED, PP_ECLOSED; 0: we did not */
     bool succeeded;    /* finished at least one chunk (crash-loop detection) */
+    unsigned early_deaths; /* deaths in a row of this slot's workers before any chunk */
+    bool given_up;         /* crash loop: this slot is not replaced any more */
+    int64_t cancel_at;     /* kill it then if it still runs the cancelled chunk; 0: none */
+    uint32_t cancel_seq;   /* the inbox position of that chunk */
     struct pp_dealt dealt[PP_RING];
 };
 
@@ -100,9 +106,9 @@ struct pp_retry {
 
 struct pp_pool {
     pthread_mutex_t mu;
-    pthread_cond_t cond; /* broadcast whenever something may have finished */
+    pthread_cond_t cond;        /* broadcast whenever something may have finished */
     pthread_cond_t thread_cond; /* the library thread: callbacks due, no waiter left */
-    struct pp_ctl *ctl;  /* the control block (MAP_SHARED) */
+    struct pp_ctl *ctl;         /* the control block (MAP_SHARED) */
     size_t ctl_bytes, map_bytes;
     int ctl_fd;
     int wake_fd; /* eventfd: workers and our own threads ring it */
@@ -113,6 +119,8 @@ struct pp_pool {
     int nworkers;
     struct pp_worker *w;
     struct pp_payload payload;
+    size_t piece_budget; /* payload bytes one piece may take */
+    int cancels;         /* workers in a cancel grace period */
 
     struct pp_job *qhead, *qtail; /* jobs with undealt items, oldest first */
     struct pp_retry retry;
@@ -131,30 +139,31 @@ struct pp_pool {
     int waiters;               /* threads inside pp__wait */
     bool zygote_said;          /* poll() saw the zygote socket readable */
     int64_t zygote_checked;    /* when pp__on_zygote last read it */
-    bool progress;               /* the current pump resolved something */
-    unsigned consecutive_deaths; /* deaths of workers that never finished a chunk */
-    pthread_t thread;            /* the library thread: callbacks, background pumping */
+    bool progress;             /* the current pump resolved something */
+    pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
     pp_stats stats;
 };
 
-#define PP_CRASH_LOOP_LIMIT 8 /* deaths in a row with no chunk finished between */
-#define PP_BUSY_POLL_NS 1000000 /* a poller's longest sleep while workers hold work */
-#define PP_SPIN_NS 20000           /* how long a waiter spins before it sleeps */
-#define PP_ZYGOTE_CHECK_NS 2000000 /* busy pumps read the zygote at least this often */
+#define PP_CRASH_LOOP_LIMIT 8         /* deaths in a row with no chunk finished between */
+#define PP_CANCEL_GRACE_NS  100000000 /* a cancelled task's time to return by itself */
+#define PP_BUSY_POLL_NS     1000000   /* a poller's longest sleep while workers hold work */
+#define PP_SPIN_NS          20000     /* how long a waiter spins before it sleeps */
+#define PP_ZYGOTE_CHECK_NS  2000000   /* busy pumps read the zygote at least this often */
 
 /* dispatch.c: moving work between the books and the rings. */
-void pp__pump(pp_pool *pool); /* collect, supervise, deal */
-bool pp__busy(pp_pool *pool); /* some worker has work in its inbox */
+void pp__pump(pp_pool *pool);          /* collect, supervise, deal */
+int pp__busy(pp_pool *pool);           /* how many workers have work in their inbox */
 int64_t pp__poll_until(pp_pool *pool); /* how long a poller may sleep */
 void pp__enqueue(pp_pool *pool, struct pp_job *job);
+void pp__dequeue(pp_pool *pool, struct pp_job *job);
 void pp__resolve_fail(struct pp_job *job, struct pp_chunkrec *rec, size_t index, int code,
                       int status, const char *text);
 void pp__resolve_ok(struct pp_job *job, size_t count);
 void pp__job_settle(struct pp_job *job); /* complete when every item resolved */
 void pp__fail_pending(pp_pool *pool, int code, const char *why);
 void pp__job_cancel_queued(struct pp_job *job); /* undealt and unclaimed work fails */
-int pp__job_cancel(struct pp_job *job);         /* and running items: workers killed */
+int pp__job_cancel(struct pp_job *job);         /* and running items: stop asked, then killed */
 void pp__retry_push_front(pp_pool *pool, struct pp_piece p);
 void pp__copy_out(struct pp_dealt *d, uint32_t from, uint32_t to, const unsigned char *res);
 bool pp__collect(pp_pool *pool, int id);
@@ -176,14 +185,14 @@ void pp__wake_thread(pp_pool *pool);
 void pp__notify(pp_pool *pool); /* wake every waiter, the poller included */
 void pp__run_callbacks(pp_pool *pool);
 struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
-                           size_t chunksize);
-void pp__job_unref(struct pp_job *job);            /* mu held: drops one ref */
-void pp__job_maybe_free(struct pp_job *job);       /* mu held: frees it if unreferenced */
-int pp__check_submit(pp_pool *pool);               /* 0, PP_ECLOSED or PP_ESPAWN */
-int pp__submit(pp_pool *pool, struct pp_job *job); /* mu held: queue it, deal */
-void pp__handle_gone(pp_pool *pool);               /* mu held: a pp_async/pp_iter was freed */
-bool pp__pool_dead(pp_pool *pool);                 /* freed, and no handle left */
-void pp__pool_destroy(pp_pool *pool);              /* frees the struct itself */
+                           size_t chunksize, size_t extra); /* extra: trailing bytes */
+void pp__job_unref(struct pp_job *job);                     /* mu held: drops one ref */
+void pp__job_maybe_free(struct pp_job *job);                /* mu held: frees it if unreferenced */
+int pp__check_submit(pp_pool *pool);                        /* 0, PP_ECLOSED or PP_ESPAWN */
+int pp__submit(pp_pool *pool, struct pp_job *job);          /* mu held: queue it, deal */
+void pp__handle_gone(pp_pool *pool);  /* mu held: a pp_async/pp_iter was freed */
+bool pp__pool_dead(pp_pool *pool);    /* freed, and no handle left */
+void pp__pool_destroy(pp_pool *pool); /* frees the struct itself */
 size_t pp__default_chunksize(const pp_pool *pool, size_t n);
 
 #endif

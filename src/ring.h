@@ -29,7 +29,7 @@
 #define PP_RING      64 /* entries per inbox and per outbox; a power of two */
 #define PP_RING_MASK (PP_RING - 1)
 #define PP_INLINE    256 /* payload bytes carried inside an inbox entry */
-#define PP_LOW_WATER 16 /* a worker wakes the parent when this few entries are left */
+#define PP_LOW_WATER 16  /* a worker wakes the parent when this few entries are left */
 #define PP_MSG_TEXT  256
 #define PP_CTL_MAGIC 0x70706f6fu
 

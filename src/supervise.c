@@ -38,8 +38,9 @@ void pp__respawn(pp_pool *pool, int id)
 {
     struct pp_worker *w = &pool->w[id];
     uint32_t gen = w->gen + 1;
+    unsigned early = w->early_deaths;
     memset(&pool->ctl->slot[id], 0, sizeof pool->ctl->slot[id]);
-    *w = (struct pp_worker){.state = PP_WS_STARTING, .gen = gen};
+    *w = (struct pp_worker){.state = PP_WS_STARTING, .gen = gen, .early_deaths = early};
     if (pp__zygote_send(pool->zsock, PP_Z_SPAWN, (uint32_t)id, gen, 0) < 0) {
         pool->zygote_gone = true;
         w->state = PP_WS_DOWN;
@@ -140,8 +141,9 @@ static void on_exit_(pp_pool *pool, int id, int status)
     bool initfail = atomic_load(&pool->ctl->slot[id].state) == PP_W_INITFAIL;
     bool was_killed = w->kill_code != 0;
     bool succeeded = w->succeeded;
+    unsigned early = w->early_deaths;
     memset(&pool->ctl->slot[id], 0, sizeof pool->ctl->slot[id]);
-    *w = (struct pp_worker){.state = PP_WS_DOWN, .gen = w->gen};
+    *w = (struct pp_worker){.state = PP_WS_DOWN, .gen = w->gen, .early_deaths = early};
 
     if (pool->starting) {
         pool->start_failed = true;
@@ -149,16 +151,21 @@ static void on_exit_(pp_pool *pool, int id, int status)
     }
     if (pool->terminated || pool->quitting || pool->broken || pool->zygote_gone)
         return;
-    if (!charged && !succeeded && !was_killed) {
-        if (++pool->consecutive_deaths >= PP_CRASH_LOOP_LIMIT) {
-            pool->broken = true;
-            pp__fail_pending(pool, PP_ESPAWN,
-                             initfail ? "workers keep failing their initializer; "
-                                        "the pool stopped replacing them"
-                                      : "workers keep dying before finishing any task; "
-                                        "the pool stopped replacing them");
-            return;
-        }
+    /* A crash loop is counted per slot: deaths that no item explains, of
+     * workers that never finished a chunk. Past the limit the slot is given
+     * up; when every slot is, the pool fails what is pending. */
+    if (!charged && !succeeded && !was_killed && ++w->early_deaths >= PP_CRASH_LOOP_LIMIT) {
+        w->given_up = true;
+        for (int i = 0; i < pool->nworkers; i++)
+            if (!pool->w[i].given_up)
+                return;
+        pool->broken = true;
+        pp__fail_pending(pool, PP_ESPAWN,
+                         initfail ? "workers keep failing their initializer; "
+                                    "the pool stopped replacing them"
+                                  : "workers keep dying before finishing any task; "
+                                    "the pool stopped replacing them");
+        return;
     }
     pool->stats.respawned++;
     pp__respawn(pool, id);
@@ -211,25 +218,43 @@ void pp__on_zygote(pp_pool *pool)
 
 void pp__check_timeouts(pp_pool *pool, int64_t now)
 {
-    if (pool->opts.task_timeout <= 0)
-        return;
     int64_t limit = (int64_t)(pool->opts.task_timeout * 1e9);
+    int cancels = 0;
     for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_worker *w = &pool->w[id];
         struct pp_slot *s = &pool->ctl->slot[id];
-        if (pool->w[id].state != PP_WS_READY || !atomic_load(&s->busy))
+        if (w->state != PP_WS_READY)
+            continue;
+        bool busy = atomic_load(&s->busy) != 0;
+        if (w->cancel_at != 0) {
+            uint32_t seq = w->cancel_seq;
+            if (seq - w->retired >= w->tail - w->retired || w->dealt[seq & PP_RING_MASK].done)
+                w->cancel_at = 0; /* the chunk came back in time */
+            else if (now >= w->cancel_at)
+                pp__kill_worker(pool, id, PP_ECANCELED);
+            else
+                cancels++;
+        }
+        if (limit <= 0 || !busy || w->state != PP_WS_READY)
             continue;
         int64_t start = atomic_load(&s->item_start);
         if (start > 0 && start <= now && now - start > limit)
             pp__kill_worker(pool, id, PP_ETIMEOUT);
     }
+    pool->cancels = cancels;
 }
 
 int64_t pp__next_timeout(pp_pool *pool)
 {
+    int64_t next = PP_FOREVER;
+    for (int id = 0; id < pool->nworkers; id++)
+        if (pool->w[id].cancel_at != 0 && pool->w[id].cancel_at < next)
+            next = pool->w[id].cancel_at;
     if (pool->opts.task_timeout <= 0)
-        return PP_FOREVER;
+        return next;
     int64_t limit = (int64_t)(pool->opts.task_timeout * 1e9);
-    int64_t next = pp__now_ns() + limit;
+    if (pp__now_ns() + limit < next)
+        next = pp__now_ns() + limit;
     for (int id = 0; id < pool->nworkers; id++) {
         struct pp_slot *s = &pool->ctl->slot[id];
         if (pool->w[id].state != PP_WS_READY || !atomic_load(&s->busy))

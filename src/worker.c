@@ -13,6 +13,7 @@
 
 #include "procpool.h"
 
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -55,10 +56,15 @@ PP_API bool pp_task_should_stop(void)
 /* Waits until the parent posts another entry or asks us to quit. */
 static void wait_for_work(struct pp_slot *s, uint32_t head)
 {
-    for (int spin = 0; spin < 4000; spin++) {
+    /* Spin a little first: more work is usually microseconds away. Yield
+     * now and then, so that on a machine with fewer cores than processes
+     * the parent who deals that work gets the CPU. */
+    for (int spin = 0; spin < 2048; spin++) {
         if (atomic_load_explicit(&s->in_tail, memory_order_acquire) != head ||
             atomic_load_explicit(&s->quit, memory_order_relaxed))
             return;
+        if ((spin & 255) == 255)
+            sched_yield();
         pp__cpu_relax();
     }
     for (;;) {
@@ -118,8 +124,6 @@ static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const s
         soft_deadline = cfg->soft_timeout_ns ? now + cfg->soft_timeout_ns : 0;
     }
     atomic_store_explicit(&s->cur_item, i, memory_order_release);
-    if (d->result_size)
-        memset(res, 0, d->result_size);
     fail_set = 0;
     int rc = fn(d->arg_size ? arg : NULL, d->result_size ? res : NULL);
     if (rc != 0) {
@@ -144,6 +148,8 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
     if (!atomic_compare_exchange_strong(&d->state, &expect, PP_DESC_CLAIMED))
         return false;
     atomic_store_explicit(&s->busy, 1, memory_order_seq_cst);
+    if (d->result_size) /* every result starts as zero bytes; one memset per chunk */
+        memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
     for (uint32_t i = 0; i < d->count; i++)
         run_item(cfg, s, d, head, i);
     post(cfg->ctl, s, PP_MSG_DONE, head, d->count, 0, NULL);

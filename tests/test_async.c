@@ -280,3 +280,85 @@ Test(async, free_before_ready_is_safe, .init = setup, .fini = teardown, .timeout
     cr_assert_eq(s.calls, 0);
     pp_pool_free(pool);
 }
+
+static int until_stopped(const void *arg, void *result)
+{
+    int cooperative = *(const int *)arg;
+    atomic_fetch_add(&flags->started, 1);
+    while (!pp_task_should_stop())
+        usleep(100);
+    atomic_fetch_add(&flags->count, 1); /* it saw the request */
+    if (!cooperative)
+        for (;;)
+            pause(); /* ignores it: the worker must be killed */
+    *(int *)result = 1;
+    return 0;
+}
+
+Test(async, cancel_queued_running_and_finished, .init = setup, .fini = teardown, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int stubborn = 0, x = 3, r;
+    pp_async *running = pp_apply_async(pool, until_stopped, &stubborn, sizeof stubborn, sizeof(int),
+                                       NULL, NULL, NULL);
+    wait_flag(&flags->started, 1);
+    pp_async *queued = pp_apply_async(pool, square, &x, sizeof x, sizeof(int), NULL, NULL, NULL);
+    cr_assert_eq(pp_async_cancel(queued), 0);
+    pp_error err;
+    cr_assert_eq(pp_async_get(queued, &r, 0, &err), PP_ECANCELED, "a queued task fails at once");
+    cr_assert_eq(pp_async_cancel(running), 0);
+    cr_assert_eq(pp_async_get(running, &r, -1, &err), PP_ECANCELED);
+    cr_assert_eq(atomic_load(&flags->count), 1, "pp_task_should_stop() turned true");
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.cancelled, 2);
+    cr_assert_eq(st.respawned, 1, "the stubborn task's worker was killed and replaced");
+    cr_assert_eq(st.completed, 0, "the queued task never ran");
+    cr_assert_eq(pp_apply(pool, square, &x, sizeof x, &r, sizeof r, NULL), 0);
+    cr_assert_eq(r, 9);
+    pp_async *done = pp_apply_async(pool, square, &x, sizeof x, sizeof(int), NULL, NULL, NULL);
+    cr_assert_eq(pp_async_wait(done, -1), 0);
+    cr_assert_eq(pp_async_cancel(done), -EALREADY);
+    cr_assert_eq(pp_async_cancel(NULL), -EINVAL);
+    pp_async_free(done);
+    pp_async_free(queued);
+    pp_async_free(running);
+    pp_pool_free(pool);
+}
+
+Test(async, cancelled_task_may_stop_cooperatively, .init = setup, .fini = teardown, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int cooperative = 1, r;
+    pp_async *a = pp_apply_async(pool, until_stopped, &cooperative, sizeof cooperative, sizeof(int),
+                                 NULL, NULL, NULL);
+    wait_flag(&flags->started, 1);
+    cr_assert_eq(pp_async_cancel(a), 0);
+    cr_assert_eq(pp_async_get(a, &r, -1, NULL), PP_ECANCELED);
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.respawned, 0, "it returned by itself: no kill");
+    cr_assert_eq(st.cancelled, 1);
+    pp_async_free(a);
+    pp_pool_free(pool);
+}
+
+static int soft_limited(const void *arg, void *result)
+{
+    (void)arg;
+    while (!pp_task_should_stop())
+        usleep(100);
+    *(int *)result = 5;
+    return 0;
+}
+
+Test(async, soft_timeout_lets_a_task_return_before_the_hard_limit, .timeout = 30)
+{
+    pp_pool *pool =
+        pp_pool_new(&(pp_options){.workers = 1, .task_soft_timeout = 0.05, .task_timeout = 10});
+    int r = 0;
+    cr_assert_eq(pp_apply(pool, soft_limited, NULL, 0, &r, sizeof r, NULL), 0);
+    cr_assert_eq(r, 5);
+    cr_assert(!pp_task_should_stop(), "false outside a task");
+    pp_pool_free(pool);
+}

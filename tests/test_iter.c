@@ -226,3 +226,19 @@ Test(iter, bad_input, .timeout = 30)
     pp_iter_free(NULL);
     pp_pool_free(pool);
 }
+
+Test(iter, handles_outlive_the_pool, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int in[4] = {1, 2, 3, 4}, r;
+    pp_iter *it = pp_imap(pool, task, in, 4, sizeof(int), sizeof(int), 1);
+    pp_async *a = pp_apply_async(pool, task, &in[0], sizeof(int), sizeof(int), NULL, NULL, NULL);
+    pp_pool_free(pool); /* terminates: what was unfinished fails PP_ECLOSED */
+    int rc;
+    while ((rc = pp_iter_next(it, &r, NULL, -1, NULL)) != 0)
+        cr_assert(rc == 1 || rc == PP_ECLOSED, "rc %d", rc);
+    rc = pp_async_get(a, &r, -1, NULL);
+    cr_assert(rc == 0 || rc == PP_ECLOSED);
+    pp_iter_free(it);
+    pp_async_free(a); /* the last handle releases the pool's memory */
+}

@@ -1,0 +1,336 @@
+/*
+ * Beyond Python: pp_imap_source, lazy input with backpressure. At most
+ * `window` items are taken from the source and not yet handed back, in
+ * order and unordered, so a long generated input maps in constant memory.
+ */
+#include "helpers.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <procpool.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN 1
+#endif
+#endif
+#ifdef UNDER_ASAN /* from ASan's runtime (sanitizer/allocator_interface.h, not always installed)   \
+                   */
+void __sanitizer_purge_allocator(void);
+size_t __sanitizer_get_current_allocated_bytes(void);
+#endif
+
+static struct shared_flags *flags;
+
+static void setup(void)
+{
+    flags = shared_flags_new();
+}
+
+static void teardown(void)
+{
+    shared_flags_free(flags);
+}
+
+/* A generated input: item k is k. It checks the window on every pull. */
+struct counter {
+    long next, end;
+    long handed_back; /* updated by the consumer */
+    long max_outstanding;
+    long window;
+    bool hold;            /* items ask the worker to wait for flags->release */
+    pthread_t caller;     /* the thread that must call the source */
+    bool foreign_thread;  /* the source ran in another thread */
+    pp_pool *pool;        /* the source calls the pool (it is never under its lock) */
+    bool stats_in_source; /* call pp_pool_stats from the source */
+};
+
+struct item {
+    long k;
+    int hold;
+};
+
+static int counter_source(void *state, void *arg)
+{
+    struct counter *c = state;
+    if (!pthread_equal(pthread_self(), c->caller))
+        c->foreign_thread = true;
+    if (c->stats_in_source) {
+        pp_stats st;
+        pp_pool_stats(c->pool, &st); /* would deadlock if called under the pool's lock */
+    }
+    if (c->next >= c->end)
+        return 0;
+    long outstanding = c->next + 1 - c->handed_back; /* this one included */
+    if (outstanding > c->max_outstanding)
+        c->max_outstanding = outstanding;
+    *(struct item *)arg = (struct item){.k = c->next, .hold = c->hold};
+    c->next++;
+    return 1;
+}
+
+static int triple(const void *arg, void *result)
+{
+    const struct item *it = arg;
+    if (it->hold) {
+        atomic_fetch_add(&flags->started, 1);
+        wait_flag(&flags->release, 1);
+    }
+    if (it->k % 1000 == 999)
+        return pp_fail(7, "item %ld refuses", it->k);
+    *(long *)result = it->k * 3;
+    return 0;
+}
+
+/* Maps n generated items through a window; checks every item comes back
+ * once, right, in order if asked, and the window was never exceeded. */
+static void run_window(long n, size_t window, size_t chunksize, bool ordered)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_not_null(pool);
+    struct counter c = {.end = n, .window = (long)window, .caller = pthread_self()};
+    pp_iter *it = pp_imap_source(pool, triple, counter_source, &c, sizeof(struct item),
+                                 sizeof(long), chunksize, window, ordered);
+    cr_assert_not_null(it);
+    unsigned char *seen = calloc((size_t)n, 1);
+    long r;
+    size_t index;
+    pp_error err;
+    int rc;
+    while ((rc = pp_iter_next(it, &r, &index, -1, &err)) != 0) {
+        cr_assert_lt(index, (size_t)n);
+        cr_assert(!seen[index], "item %zu handed back twice", index);
+        seen[index] = 1;
+        if (ordered)
+            cr_assert_eq((long)index, c.handed_back, "in input order");
+        if (index % 1000 == 999) {
+            cr_assert_eq(rc, PP_ETASK);
+            cr_assert_eq(err.index, index);
+            cr_assert_eq(err.status, 7);
+        } else {
+            cr_assert_eq(rc, 1, "item %zu: %s", index, pp_strerror(rc));
+            cr_assert_eq(r, (long)index * 3);
+        }
+        c.handed_back++;
+    }
+    cr_assert_eq(c.handed_back, n, "every item came back");
+    /* window 0 picks a default: bounded, so not the whole input either */
+    long bound = window ? (long)window : n - 1;
+    cr_assert_leq(c.max_outstanding, bound,
+                  "window %zu (chunksize %zu, %s): %ld taken and not handed back", window,
+                  chunksize, ordered ? "ordered" : "unordered", c.max_outstanding);
+    cr_assert(!c.foreign_thread, "the source runs in the caller's thread only");
+    cr_assert_eq(pp_iter_next(it, &r, NULL, 0, NULL), 0, "stays at the end");
+    free(seen);
+    pp_iter_free(it);
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.submitted, (uint64_t)n, "only what was pulled is submitted");
+    pp_pool_free(pool);
+}
+
+Test(source, window_holds_in_order, .timeout = 60)
+{
+    static const size_t shapes[][2] = {{1, 1}, {3, 8}, {10, 4}, {64, 64}, {100, 7}, {0, 16}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        run_window(3000, shapes[i][0], shapes[i][1], true);
+}
+
+Test(source, window_holds_unordered, .timeout = 60)
+{
+    static const size_t shapes[][2] = {{1, 1}, {3, 8}, {10, 4}, {64, 64}, {100, 7}, {0, 16}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        run_window(3000, shapes[i][0], shapes[i][1], false);
+}
+
+/* With every task held, the source is pulled exactly up to the window and
+ * then not at all, however often the caller asks. */
+static void full_window_stops_pulling(bool ordered)
+{
+    enum { WINDOW = 8 };
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    struct counter c = {.end = 1000, .hold = true, .caller = pthread_self()};
+    pp_iter *it = pp_imap_source(pool, triple, counter_source, &c, sizeof(struct item),
+                                 sizeof(long), 1, WINDOW, ordered);
+    cr_assert_not_null(it);
+    cr_assert_eq(c.next, WINDOW, "filled at once");
+    wait_flag(&flags->started, 2); /* both workers hold one */
+    long r;
+    for (int i = 0; i < 100; i++)
+        cr_assert_eq(pp_iter_next(it, &r, NULL, 0, NULL), -ETIMEDOUT);
+    cr_assert_eq(pp_iter_next(it, &r, NULL, 0.05, NULL), -ETIMEDOUT);
+    cr_assert_eq(c.next, WINDOW, "nothing more is taken while nothing is handed back");
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.submitted, WINDOW);
+    cr_assert_eq(st.running, 2);
+
+    atomic_store(&flags->release, 1);
+    size_t index;
+    cr_assert_eq(pp_iter_next(it, &r, &index, -1, NULL), 1);
+    c.handed_back = 1;
+    if (ordered)
+        cr_assert_eq(index, 0);
+    cr_assert_leq(c.next, WINDOW + 1, "one handed back: one more may be taken");
+    while (pp_iter_next(it, &r, &index, -1, NULL) != 0)
+        c.handed_back++;
+    cr_assert_eq(c.handed_back, 1000);
+    cr_assert_leq(c.max_outstanding, WINDOW);
+    pp_iter_free(it);
+    pp_pool_free(pool);
+}
+
+Test(source, full_window_stops_pulling_in_order, .init = setup, .fini = teardown, .timeout = 30)
+{
+    full_window_stops_pulling(true);
+}
+
+Test(source, full_window_stops_pulling_unordered, .init = setup, .fini = teardown, .timeout = 30)
+{
+    full_window_stops_pulling(false);
+}
+
+Test(source, source_may_call_the_pool, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    struct counter c = {
+        .end = 500, .caller = pthread_self(), .pool = pool, .stats_in_source = true};
+    pp_iter *it = pp_imap_source(pool, triple, counter_source, &c, sizeof(struct item),
+                                 sizeof(long), 4, 32, true);
+    long r;
+    while (pp_iter_next(it, &r, NULL, -1, NULL) == 1)
+        c.handed_back++;
+    cr_assert_eq(c.handed_back, 500);
+    cr_assert(!c.foreign_thread);
+    pp_iter_free(it);
+    pp_pool_free(pool);
+}
+
+static int empty_source(void *state, void *arg)
+{
+    (void)state;
+    (void)arg;
+    return 0;
+}
+
+Test(source, empty_source_ends_at_once, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    for (int ordered = 0; ordered < 2; ordered++) {
+        pp_iter *it = pp_imap_source(pool, triple, empty_source, NULL, sizeof(struct item),
+                                     sizeof(long), 1, 0, ordered);
+        cr_assert_not_null(it);
+        long r;
+        cr_assert_eq(pp_iter_next(it, &r, NULL, -1, NULL), 0);
+        pp_iter_free(it);
+    }
+    pp_pool_free(pool);
+}
+
+/* ---- constant memory ---------------------------------------------------------- */
+
+static long resident_bytes(void)
+{
+#ifdef UNDER_ASAN
+    __sanitizer_purge_allocator(); /* the quarantine would look like growth */
+#endif
+    FILE *f = fopen("/proc/self/statm", "r");
+    long size = 0, rss = 0;
+    if (f == NULL || fscanf(f, "%ld %ld", &size, &rss) != 2)
+        rss = 0;
+    if (f)
+        fclose(f);
+    return rss * sysconf(_SC_PAGESIZE);
+}
+
+static int cheap(const void *arg, void *result)
+{
+    *(long *)result = ((const struct item *)arg)->k ^ 0x5a5a;
+    return 0;
+}
+
+#ifdef UNDER_ASAN
+/* ASan makes each item several times dearer, and its allocator cycles
+ * freed blocks through a quarantine, touching fresh pages as it goes: its
+ * RSS creeps up with the number of allocations, whatever the program
+ * holds. So under ASan the exact check is on live heap bytes (which would
+ * grow by ~30 bytes an item if the input were read ahead), and RSS only
+ * gets a coarse one. */
+enum { FLAT_ITEMS = 200000 };
+static const long RSS_SLACK = 16L << 20;
+static const long HEAP_SLACK = 512L << 10;
+#else
+enum { FLAT_ITEMS = 1500000 };
+static const long RSS_SLACK = 4L << 20;
+#endif
+
+/* Generates FLAT_ITEMS items lazily; RSS is sampled twenty times after a
+ * warm-up and may not grow by more than a few MiB (reading the input ahead,
+ * as Python's imap does, would hold FLAT_ITEMS * 24 bytes: tens of MiB). */
+static void rss_stays_flat(bool ordered)
+{
+    enum { WINDOW = 4096, CHUNK = 64 };
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    struct counter c = {.end = FLAT_ITEMS, .caller = pthread_self()};
+    pp_iter *it = pp_imap_source(pool, cheap, counter_source, &c, sizeof(struct item), sizeof(long),
+                                 CHUNK, WINDOW, ordered);
+    cr_assert_not_null(it);
+    long base = 0, peak = 0;
+#ifdef UNDER_ASAN
+    long heap_base = 0, heap_peak = 0;
+#endif
+    long r, step = FLAT_ITEMS / 20;
+    size_t index;
+    int rc;
+    while ((rc = pp_iter_next(it, &r, &index, -1, NULL)) == 1) {
+        cr_assert_eq(r, (long)index ^ 0x5a5a);
+        c.handed_back++;
+        if (c.handed_back % step != 0)
+            continue;
+        long rss = resident_bytes();
+        if (c.handed_back == step) { /* warm: the window's records exist */
+            base = peak = rss;
+#ifdef UNDER_ASAN
+            heap_base = heap_peak = (long)__sanitizer_get_current_allocated_bytes();
+#endif
+        }
+        if (rss > peak)
+            peak = rss;
+#ifdef UNDER_ASAN
+        long heap = (long)__sanitizer_get_current_allocated_bytes();
+        if (heap > heap_peak)
+            heap_peak = heap;
+#endif
+    }
+    cr_assert_eq(rc, 0);
+    cr_assert_eq(c.handed_back, FLAT_ITEMS);
+    cr_assert_leq(c.max_outstanding, WINDOW);
+    cr_assert_lt(peak - base, RSS_SLACK, "%s: RSS grew %ld KiB over %d items (from %ld KiB)",
+                 ordered ? "ordered" : "unordered", (peak - base) >> 10, (int)FLAT_ITEMS,
+                 base >> 10);
+#ifdef UNDER_ASAN
+    cr_assert_lt(heap_peak - heap_base, HEAP_SLACK, "live heap grew %ld KiB",
+                 (heap_peak - heap_base) >> 10);
+#endif
+    pp_iter_free(it);
+    pp_pool_free(pool);
+}
+
+Test(source, rss_stays_flat_in_order, .timeout = 120)
+{
+    rss_stays_flat(true);
+}
+
+Test(source, rss_stays_flat_unordered, .timeout = 120)
+{
+    rss_stays_flat(false);
+}
