@@ -195,6 +195,14 @@ static int pull(struct pp_iter *it, unsigned char *dst, size_t idx)
     return it->source(it->state, dst) > 0 ? 1 : 0;
 }
 
+/* Refills come in batches, once half the window is free: one pump per
+ * batch rather than one per item handed back. */
+static bool wants_refill(const struct pp_iter *it)
+{
+    size_t out = it->taken - it->returned;
+    return !it->source_done && (out == 0 || out <= it->window / 2);
+}
+
 /* Takes items while the window allows, one record at a time. Called with
  * mu held; drops it around the source. */
 static int refill(struct pp_iter *it)
@@ -203,6 +211,8 @@ static int refill(struct pp_iter *it)
     bool added = false;
     if (pool->ctl == NULL) /* the pool was freed: nothing more is taken */
         it->source_done = true;
+    if (!wants_refill(it))
+        return 0;
     while (!it->source_done && it->taken - it->returned < it->window) {
         if (pool->terminated || pool->broken) {
             it->source_done = true;
@@ -313,7 +323,7 @@ static bool next_ready(void *arg)
 {
     struct pp_iter *it = arg;
     return item_ready(it) || (it->source_done && it->returned == it->taken) ||
-           (!it->source_done && it->taken - it->returned < it->window);
+           wants_refill(it);
 }
 
 PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout, pp_error *err)
