@@ -322,8 +322,7 @@ static bool item_ready(void *arg)
 static bool next_ready(void *arg)
 {
     struct pp_iter *it = arg;
-    return item_ready(it) || (it->source_done && it->returned == it->taken) ||
-           wants_refill(it);
+    return item_ready(it) || (it->source_done && it->returned == it->taken) || wants_refill(it);
 }
 
 PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout, pp_error *err)

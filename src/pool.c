@@ -157,8 +157,16 @@ static void poll_for_pool(pp_pool *pool, int64_t until)
             tsp = &ts;
         }
         pthread_mutex_unlock(&pool->mu);
-        ppoll(fds, pool->zygote_gone ? 1 : 2, tsp, NULL);
+        int n = ppoll(fds, pool->zygote_gone ? 1 : 2, tsp, NULL);
         pthread_mutex_lock(&pool->mu);
+        /* Woken by nothing while workers hold work: their tasks are long, so
+         * look less often (up to 64 ms); anything happening resets it. */
+        if (n == 0 && !activity(pool)) {
+            if (pool->busy_poll_ns < PP_BUSY_POLL_MAX_NS)
+                pool->busy_poll_ns *= 2;
+        } else {
+            pool->busy_poll_ns = PP_BUSY_POLL_NS;
+        }
         if (fds[1].revents)
             pool->zygote_said = true;
         if (fds[0].revents) {
@@ -189,7 +197,7 @@ int64_t pp__poll_until(pp_pool *pool)
 {
     int64_t until = pp__next_timeout(pool);
     if (pp__busy(pool)) {
-        int64_t soon = pp__now_ns() + PP_BUSY_POLL_NS;
+        int64_t soon = pp__now_ns() + pool->busy_poll_ns;
         if (soon < until)
             until = soon;
     }
@@ -399,6 +407,7 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
         return NULL;
     pool->opts = o;
     pool->nworkers = o.workers;
+    pool->busy_poll_ns = PP_BUSY_POLL_NS;
     pool->ctl_fd = pool->wake_fd = pool->zsock = -1;
     pthread_mutex_init(&pool->mu, NULL);
     pthread_condattr_t ca;

@@ -119,8 +119,9 @@ struct pp_pool {
     int nworkers;
     struct pp_worker *w;
     struct pp_payload payload;
-    size_t piece_budget; /* payload bytes one piece may take */
-    int cancels;         /* workers in a cancel grace period */
+    size_t piece_budget;  /* payload bytes one piece may take */
+    int64_t busy_poll_ns; /* how long a poller sleeps now while workers hold work */
+    int cancels;          /* workers in a cancel grace period */
 
     struct pp_job *qhead, *qtail; /* jobs with undealt items, oldest first */
     struct pp_retry retry;
@@ -147,7 +148,8 @@ struct pp_pool {
 
 #define PP_CRASH_LOOP_LIMIT 8         /* deaths in a row with no chunk finished between */
 #define PP_CANCEL_GRACE_NS  100000000 /* a cancelled task's time to return by itself */
-#define PP_BUSY_POLL_NS     1000000   /* a poller's longest sleep while workers hold work */
+#define PP_BUSY_POLL_NS     1000000   /* a poller's first sleep while workers hold work */
+#define PP_BUSY_POLL_MAX_NS 64000000  /* and its longest, when nothing wakes it */
 #define PP_SPIN_NS          20000     /* how long a waiter spins before it sleeps */
 #define PP_ZYGOTE_CHECK_NS  2000000   /* busy pumps read the zygote at least this often */
 
