@@ -305,7 +305,11 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
     unsigned char *dst = piece_results(p);
     bool args_direct = abytes == 0 || pp__shm_contains(src, abytes);
     bool res_direct = rbytes == 0 || pp__shm_contains(dst, rbytes);
-    size_t need = (args_direct ? 0 : round16(abytes)) + (res_direct ? 0 : rbytes);
+    /* Results first, then a canary, then arguments: a task that writes past
+     * its result_size hits the canary, and is reported, before anything
+     * that is not its own. */
+    size_t rspan = res_direct ? 0 : round16(rbytes + sizeof pool->canary);
+    size_t need = rspan + (args_direct ? 0 : abytes);
 
     struct pp_dealt *d = &w->dealt[i];
     *d = (struct pp_dealt){.piece = *p};
@@ -315,14 +319,18 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
             return -ENOMEM;
         buf = d->extent.p;
     }
+    d->results_in_place = res_direct;
+    d->res_addr = dst;
+    if (!res_direct) {
+        d->res_addr = buf;
+        d->canary = buf + rbytes;
+        memcpy(d->canary, &pool->canary, sizeof pool->canary);
+    }
     const unsigned char *args = src;
     if (!args_direct) {
-        memcpy(buf, src, abytes);
-        args = buf;
-        buf += round16(abytes);
+        memcpy(buf + rspan, src, abytes);
+        args = buf + rspan;
     }
-    d->res_addr = res_direct ? dst : buf;
-    d->results_in_place = res_direct;
 
     struct pp_desc *desc = &s->in[i];
     desc->count = p->count;
@@ -488,9 +496,28 @@ void pp__release_abandoned(pp_pool *pool, struct pp_dealt *d)
     pp__piece_release(pool, &d->piece);
 }
 
+/* A task that wrote past its result_size clobbered the canary after the
+ * chunk's results: the last item that ran (ran items: `ran`) fails. */
+static void check_canary(pp_pool *pool, struct pp_dealt *d, uint32_t ran)
+{
+    if (d->canary == NULL || ran == 0 || d->piece.job->complete ||
+        memcmp(d->canary, &pool->canary, sizeof pool->canary) == 0)
+        return;
+    uint32_t last = ran - 1;
+    if (d->nfail > 0 && d->last_fail == last)
+        return;
+    pp__copy_out(d, d->copied, last, d->res_addr);
+    d->copied = last + 1;
+    d->nfail++;
+    d->last_fail = last;
+    pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + last, -EOVERFLOW, 0,
+                     "the task wrote past its result_size");
+}
+
 static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
 {
     struct pp_job *job = d->piece.job;
+    check_canary(pool, d, d->piece.count);
     pp__copy_out(d, d->copied, d->piece.count, d->res_addr);
     if (job->cancelled) {
         /* It stopped cooperatively (or finished) after it was cancelled. */
@@ -716,6 +743,8 @@ void pp__pump(pp_pool *pool)
      * then while the pool is too busy to poll: no system call per pump. */
     int64_t now = pp__now_ns();
     if (pool->zygote_said || now - pool->zygote_checked > PP_ZYGOTE_CHECK_NS) {
+        if (!pool->zygote_said)
+            pp__zygote_keep_running(pool);
         pool->zygote_said = false;
         pool->zygote_checked = now;
         pp__on_zygote(pool);

@@ -408,6 +408,7 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
     pool->opts = o;
     pool->nworkers = o.workers;
     pool->busy_poll_ns = PP_BUSY_POLL_NS;
+    pool->canary = 0x9e3779b97f4a7c15ull ^ (uint64_t)pp__now_ns() ^ ((uint64_t)getpid() << 32);
     pool->ctl_fd = pool->wake_fd = pool->zsock = -1;
     pthread_mutex_init(&pool->mu, NULL);
     pthread_condattr_t ca;
@@ -620,7 +621,17 @@ PP_API int pp_join(pp_pool *pool)
         atomic_store(&pool->ctl->slot[id].quit, 1);
         pp__ring_wake_worker(&pool->ctl->slot[id]);
     }
-    pp__wait(pool, all_gone, pool, PP_FOREVER);
+    /* Idle workers leave at once. One that cannot (stopped, say) is killed;
+     * if the zygote itself does not answer, it is killed too, and its
+     * workers die with it: join never hangs on a process that is stuck. */
+    if (pp__wait(pool, all_gone, pool, pp__now_ns() + PP_JOIN_GRACE_NS) < 0) {
+        for (int id = 0; id < pool->nworkers; id++)
+            pp__kill_worker(pool, id, PP_ECLOSED);
+        if (pp__wait(pool, all_gone, pool, pp__now_ns() + PP_JOIN_GRACE_NS) < 0) {
+            kill(pool->zygote, SIGKILL);
+            pp__wait(pool, all_gone, pool, PP_FOREVER);
+        }
+    }
     /* Callbacks of jobs failed by terminate still run before we return. */
     pp__wait(pool, drained, pool, PP_FOREVER);
     pool->thread_stop = true;

@@ -57,6 +57,7 @@ struct pp_piece {
     struct pp_chunkrec *rec;
     size_t start;
     uint32_t count;
+    uint32_t deaths; /* workers that died holding it without naming an item */
 };
 
 /* The parent's copy of one inbox entry: what it dealt, never what the worker
@@ -71,6 +72,7 @@ struct pp_dealt {
     uint32_t last_fail;      /* item of the last FAIL */
     uint32_t copied;         /* items before this one were copied out or skipped */
     bool results_in_place;   /* the worker wrote results straight to the caller */
+    unsigned char *canary;   /* after the results in our payload, or NULL */
     unsigned char *res_addr; /* where the worker wrote them */
 };
 
@@ -120,6 +122,7 @@ struct pp_pool {
     struct pp_worker *w;
     struct pp_payload payload;
     size_t piece_budget;  /* payload bytes one piece may take */
+    uint64_t canary;      /* written after each chunk's results in payload */
     int64_t busy_poll_ns; /* how long a poller sleeps now while workers hold work */
     int cancels;          /* workers in a cancel grace period */
 
@@ -146,12 +149,14 @@ struct pp_pool {
     pp_stats stats;
 };
 
-#define PP_CRASH_LOOP_LIMIT 8         /* deaths in a row with no chunk finished between */
-#define PP_CANCEL_GRACE_NS  100000000 /* a cancelled task's time to return by itself */
-#define PP_BUSY_POLL_NS     1000000   /* a poller's first sleep while workers hold work */
-#define PP_BUSY_POLL_MAX_NS 64000000  /* and its longest, when nothing wakes it */
-#define PP_SPIN_NS          20000     /* how long a waiter spins before it sleeps */
-#define PP_ZYGOTE_CHECK_NS  2000000   /* busy pumps read the zygote at least this often */
+#define PP_CRASH_LOOP_LIMIT  8          /* deaths in a row with no chunk finished between */
+#define PP_CANCEL_GRACE_NS   100000000  /* a cancelled task's time to return by itself */
+#define PP_BUSY_POLL_NS      1000000    /* a poller's first sleep while workers hold work */
+#define PP_BUSY_POLL_MAX_NS  64000000   /* and its longest, when nothing wakes it */
+#define PP_JOIN_GRACE_NS     1000000000 /* join's wait for a worker before it kills it */
+#define PP_PIECE_DEATH_LIMIT 3          /* such deaths before its first item is charged */
+#define PP_SPIN_NS           20000      /* how long a waiter spins before it sleeps */
+#define PP_ZYGOTE_CHECK_NS   2000000    /* busy pumps read the zygote at least this often */
 
 /* dispatch.c: moving work between the books and the rings. */
 void pp__pump(pp_pool *pool);          /* collect, supervise, deal */
@@ -175,7 +180,8 @@ void pp__piece_hold(struct pp_piece *p);
 void pp__piece_release(pp_pool *pool, struct pp_piece *p);
 
 /* supervise.c: deaths, timeouts and replacements. */
-void pp__on_zygote(pp_pool *pool); /* read what the zygote said */
+void pp__zygote_keep_running(pp_pool *pool); /* continue a stopped zygote */
+void pp__on_zygote(pp_pool *pool);           /* read what the zygote said */
 void pp__check_timeouts(pp_pool *pool, int64_t now);
 int64_t pp__next_timeout(pp_pool *pool); /* earliest deadline to wake for */
 void pp__kill_worker(pp_pool *pool, int id, int code);

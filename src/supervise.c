@@ -86,6 +86,7 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
         struct pp_piece rest = *p;
         rest.start += k + 1;
         rest.count -= k + 1;
+        rest.deaths = 0;
         pp__piece_hold(&rest);
         pp__retry_push_front(pool, rest);
     }
@@ -114,7 +115,17 @@ static bool settle_slot(pp_pool *pool, int id, int code, int st, const char *why
         uint32_t state = atomic_load(&s->in[pos & PP_RING_MASK].state);
         d->done = true;
         pp__payload_free(&pool->payload, &d->extent);
-        if (busy && cur == pos && state == PP_DESC_CLAIMED && item < d->piece.count) {
+        bool claimed = state == PP_DESC_CLAIMED;
+        if (claimed && !(busy && cur == pos && item < d->piece.count) &&
+            ++d->piece.deaths >= PP_PIECE_DEATH_LIMIT) {
+            /* Claimed, and its worker keeps dying without a trace of which
+             * item ran (a task that wipes its slot): charge its first item,
+             * or it would be retried for ever. */
+            busy = true;
+            cur = pos;
+            item = 0;
+        }
+        if (claimed && busy && cur == pos && item < d->piece.count) {
             charged |= settle_running(pool, d, item, code, st, why);
             pp__piece_release(pool, &d->piece);
         } else {
@@ -186,6 +197,17 @@ static void on_zygote_gone(pp_pool *pool)
         pool->broken = true;
         pp__fail_pending(pool, PP_ESPAWN, "the pool's helper process died");
     }
+}
+
+void pp__zygote_keep_running(pp_pool *pool)
+{
+    /* A stopped zygote would hide every death and every kill: continue it.
+     * It is our own child, so looking at its state (WNOWAIT) is ours too. */
+    siginfo_t si = {0};
+    if (pool->zygote > 0 && !pool->zygote_gone &&
+        waitid(P_PID, (id_t)pool->zygote, &si, WSTOPPED | WNOHANG | WNOWAIT) == 0 &&
+        si.si_pid == pool->zygote)
+        kill(pool->zygote, SIGCONT);
 }
 
 void pp__on_zygote(pp_pool *pool)

@@ -203,3 +203,35 @@ Test(map, strerror_names_every_code, .timeout = 10)
     cr_assert_str_eq(pp_strerror(0), "success");
     cr_assert_str_eq(pp_strerror(-20000), "unknown procpool error code");
 }
+
+static int overflow_on_9(const void *arg, void *result)
+{
+    int x = *(const int *)arg;
+    /* result_size is 4: item 9 writes 24 bytes, past its slot. */
+    memset(result, 0x5a, x == 9 ? 24 : 4);
+    if (x != 9)
+        *(int *)result = x;
+    return 0;
+}
+
+Test(map, writing_past_result_size_is_reported, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int in[10], out[10];
+    for (int i = 0; i < 10; i++)
+        in[i] = i;
+    pp_error err;
+    /* One chunk of ten: item 9 is the last, its overflow reaches the canary. */
+    cr_assert_eq(pp_map(pool, overflow_on_9, in, 10, sizeof(int), out, sizeof(int), 10, &err),
+                 -EOVERFLOW);
+    cr_assert_eq(err.index, 9);
+    cr_assert_eq(err.failed, 1);
+    cr_assert(strstr(err.message, "result_size") != NULL, "%s", err.message);
+    for (int i = 0; i < 9; i++)
+        cr_assert_eq(out[i], i);
+    /* The next call's arguments were not touched by it. */
+    cr_assert_eq(pp_map(pool, square, in, 9, sizeof(int), out, sizeof(int), 3, NULL), 0);
+    for (int i = 0; i < 9; i++)
+        cr_assert_eq(out[i], i * i);
+    pp_pool_free(pool);
+}
