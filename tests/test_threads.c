@@ -22,7 +22,7 @@
 #include <unistd.h>
 
 #define HAMMERS (getenv("PP_HAMMERS") ? atoi(getenv("PP_HAMMERS")) : 8)
-#define ROUNDS  (getenv("PP_ROUNDS") ? atoi(getenv("PP_ROUNDS")) : 200)
+#define ROUNDS  (getenv("PP_ROUNDS") ? atoi(getenv("PP_ROUNDS")) : getenv("PP_VALGRIND") ? 20 : 200)
 
 struct hammer {
     pthread_t thread;
