@@ -7,7 +7,8 @@
 # purpose, so its workers' reports are the point, not a finding.
 #
 # valgrind 3.19 does not know pidfd_open (syscall 434): the helper then
-# reaps on its 500 ms poll, so deaths are noticed late and this run is slow.
+# reaps on its 500 ms poll, so deaths are noticed late and this run is slow;
+# every test gets 900 s (--timeout overrides the tests' own limits).
 set -e
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -25,7 +26,7 @@ for t in $b/tests/test_*; do
   start=$(date +%s)
   if ! PP_VALGRIND=1 valgrind -q --tool=memcheck --trace-children=yes --leak-check=full \
          --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect \
-         --log-file="$logs/$name/%p.log" "$t" --jobs 1 >"$logs/$name.out" 2>&1; then
+         --log-file="$logs/$name/%p.log" "$t" --jobs 1 --timeout 900 >"$logs/$name.out" 2>&1; then
     echo "valgrind: $name: tests failed (see $logs/$name.out)"
     status=1
   fi
