@@ -5,7 +5,8 @@ BENCHDIR   ?= build-bench
 JOBS       ?= $(shell nproc)
 CMAKE      ?= cmake
 
-.PHONY: all demo check deps test bench install-check format format-check clean
+.PHONY: all demo check deps test bench install-check format format-check clean \
+        check-valgrind check-tsan soak fuzz fuzz-strict
 
 all:
 	$(CMAKE) -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DPP_TESTS=OFF >/dev/null
@@ -24,7 +25,36 @@ check: deps
 	cd $(CHECK) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  ctest --output-on-failure -j $(JOBS)
+	./scripts/check-reliability.sh
 	$(MAKE) install-check
+
+# Reliability (docs/reliability.md). check-valgrind: the suite under
+# memcheck. check-tsan: the parent's threads under ThreadSanitizer (a
+# stress program: Criterion's sandbox cannot start under TSan). soak: 20 million tasks with kills (not in CI). fuzz: every
+# libFuzzer harness for FUZZ_SECONDS each (make check runs fuzz_ctl, 60 s).
+FUZZ_SECONDS ?= 60
+TSAN       ?= build-tsan
+
+check-valgrind:
+	@./scripts/deps.sh valgrind
+	./scripts/check-valgrind.sh
+
+check-tsan:
+	mkdir -p $(TSAN)
+	clang -g -O1 -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fsanitize=thread \
+	  -Iinclude -Isrc -o $(TSAN)/tsan_stress soak/tsan_stress.c src/*.c -lpthread -lm -ldl
+	TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" ./$(TSAN)/tsan_stress
+
+soak: all
+	$(CC) -O2 -std=gnu11 -Wall -Wextra -Werror -Iinclude -o $(BUILD)/soak soak/soak.c \
+	  $(BUILD)/libprocpool.a -lpthread -ldl
+	./$(BUILD)/soak $(SOAK_ARGS)
+
+fuzz:
+	./fuzz/run.sh $(FUZZ_SECONDS) fuzz_ctl fuzz_queue
+
+fuzz-strict:
+	./fuzz/run.sh $(FUZZ_SECONDS) fuzz_ctl_strict
 
 install-check:
 	./scripts/install-check.sh

@@ -12,6 +12,14 @@ have pkg-config || need="$need pkg-config"
 if [ "$1" = check ]; then
   pkg-config --exists criterion 2>/dev/null || need="$need libcriterion-dev"
   have python3 || need="$need python3"
+  # the libFuzzer run in make check: clang and its fuzzer runtime
+  have clang || need="$need clang"
+  echo 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n){(void)d;(void)n;return 0;}' |
+    clang -x c -fsanitize=fuzzer -o /dev/null - 2>/dev/null || need="$need libclang-rt-dev"
+fi
+if [ "$1" = valgrind ]; then
+  pkg-config --exists criterion 2>/dev/null || need="$need libcriterion-dev"
+  have valgrind || need="$need valgrind"
 fi
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then

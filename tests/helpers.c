@@ -135,3 +135,153 @@ void wait_flag(_Atomic int *flag, int value)
     while (atomic_load(flag) < value)
         usleep(200);
 }
+
+/* ---- Appended for the reliability tests. ---- */
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+
+double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+void flag_wait_ge(_Atomic int *flag, int value)
+{
+    int v;
+    while ((v = atomic_load(flag)) < value) {
+        struct timespec ts = {0, 10000000}; /* a missed wake costs 10 ms, not a hang */
+        syscall(SYS_futex, (int *)flag, FUTEX_WAIT, v, &ts, NULL, 0);
+    }
+}
+
+void flag_wake(_Atomic int *flag)
+{
+    syscall(SYS_futex, (int *)flag, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+int live_children_of(int pid, int *out, int max)
+{
+    int all[256];
+    int n = children_of(pid, all, 256), k = 0;
+    for (int i = 0; i < n && k < max; i++)
+        if (process_alive(all[i]))
+            out[k++] = all[i];
+    return k;
+}
+
+int pool_zygote(void)
+{
+    int z[4];
+    return children_of(getpid(), z, 4) == 1 ? z[0] : -1;
+}
+
+int count_mappings(void)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (f == NULL)
+        return -1;
+    int n = 0, c;
+    while ((c = fgetc(f)) != EOF)
+        n += c == '\n';
+    fclose(f);
+    return n;
+}
+
+long rss_kib(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (f == NULL)
+        return -1;
+    char line[256];
+    long kib = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+            break;
+    fclose(f);
+    return kib;
+}
+
+void *shared_alloc(size_t bytes)
+{
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void shared_release(void *p, size_t bytes)
+{
+    munmap(p, bytes);
+}
+
+/* Every thread's children, then theirs, breadth first. */
+static int all_children(int pid, int *out, int max)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", pid);
+    DIR *d = opendir(path);
+    if (d == NULL)
+        return 0;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL && n < max) {
+        if (e->d_name[0] == '.')
+            continue;
+        char cp[384];
+        snprintf(cp, sizeof cp, "/proc/%d/task/%.32s/children", pid, e->d_name);
+        FILE *f = fopen(cp, "r");
+        if (f == NULL)
+            continue;
+        int c;
+        while (n < max && fscanf(f, "%d", &c) == 1)
+            out[n++] = c;
+        fclose(f);
+    }
+    closedir(d);
+    return n;
+}
+
+int live_descendants(int *out, int max)
+{
+    while (waitpid(-1, NULL, WNOHANG) > 0) /* orphans reparented to us, now dead */
+        ;
+    int queue[1024], qn = 0, k = 0;
+    qn = all_children(getpid(), queue, 1024);
+    for (int i = 0; i < qn; i++) {
+        if (process_alive(queue[i]) && k < max)
+            out[k++] = queue[i];
+        qn += all_children(queue[i], queue + qn, 1024 - qn);
+    }
+    return k;
+}
+
+bool wait_no_descendants(double seconds)
+{
+    double end = now_s() + seconds;
+    int pids[256];
+    for (;;) {
+        if (live_descendants(pids, 256) == 0)
+            return true;
+        if (now_s() > end)
+            return false;
+        usleep(1000); /* polling a condition with a deadline */
+    }
+}
+
+uint64_t xorshift64(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *s = x;
+}
+
+double slow_factor(void)
+{
+    return getenv("PP_VALGRIND") ? 20.0 : 1.0;
+}

@@ -27,3 +27,26 @@ void shared_flags_free(struct shared_flags *f);
 void wait_flag(_Atomic int *flag, int value); /* until *flag >= value */
 
 #endif
+
+/* ---- Appended for the reliability tests (chaos, parent death, threads,
+ * hostile workers, resources). ---- */
+#include <stddef.h>
+#include <stdint.h>
+
+double now_s(void);                               /* CLOCK_MONOTONIC seconds */
+void flag_wait_ge(_Atomic int *flag, int value);  /* futex sleep until *flag >= value */
+void flag_wake(_Atomic int *flag);                /* wakes flag_wait_ge sleepers */
+int live_children_of(int pid, int *out, int max); /* children that are not zombies */
+int pool_zygote(void);                            /* this process's only child, or -1 */
+int count_mappings(void);                         /* lines of /proc/self/maps */
+long rss_kib(void);                               /* VmRSS of this process */
+void *shared_alloc(size_t bytes);                 /* MAP_SHARED | MAP_ANONYMOUS, zeroed */
+void shared_release(void *p, size_t bytes);
+/* Live descendants of this process (needs PR_SET_CHILD_SUBREAPER to see
+ * orphans of a dead child); reaps the dead ones on the way. */
+int live_descendants(int *out, int max);
+bool wait_no_descendants(double seconds); /* until none is alive, or false */
+uint64_t xorshift64(uint64_t *state);
+/* 1, or 20 under make check-valgrind (PP_VALGRIND): deadlines that are
+ * promises (1 s after a parent's death) stretch under memcheck's slowness. */
+double slow_factor(void);

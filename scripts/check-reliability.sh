@@ -1,0 +1,12 @@
+#!/bin/sh
+# The parts of `make check` that need more than the sanitizer build:
+#  - the resource test again in a build without sanitizers, where RSS and
+#    the count of mappings mean what they say;
+#  - 60 s of libFuzzer on the parent's decoding of the control block.
+set -e
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+cmake -S . -B build-plain -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPP_EXAMPLES=OFF >/dev/null
+cmake --build build-plain -j "$(nproc)" --target test_resources >/dev/null
+./build-plain/tests/test_resources --jobs 1
+./fuzz/run.sh "${FUZZ_SECONDS:-60}" fuzz_ctl

@@ -1,0 +1,327 @@
+/*
+ * Chaos: 200,000 items through pp_map and pp_imap_unordered while another
+ * thread SIGKILLs random workers 200 times, or freezes them with SIGSTOP
+ * under task_timeout. Every item comes back exactly once, with its correct
+ * result or charged to a fault; no more charged items than faults; the pool
+ * ends whole; nothing hangs.
+ *
+ * Pacing, without sleeping on a guess: item i may finish only once the
+ * fault thread has struck floor(i * (FAULTS + 1) / N) times (a gate word in
+ * MAP_SHARED memory, futex-woken), so the work cannot run out before the
+ * faults do, and the faults are spread over the whole input. The fault
+ * thread strikes only workers that are inside a task (each task publishes
+ * its pid while it runs), so every fault lands on real work.
+ */
+#include "helpers.h"
+
+#include <criterion/criterion.h>
+#include <limits.h>
+#include <procpool.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define NMAX 200000
+#define W    4
+
+/* Under valgrind (make check-valgrind sets PP_VALGRIND) the same test runs
+ * at a tenth of the size. */
+static size_t N = NMAX;
+static int FAULTS = 200;
+
+struct chaos {
+    _Atomic int gate;         /* strikes so far (items wait on it) */
+    _Atomic int stop;         /* the test is over */
+    _Atomic int in_task[W];   /* a worker's pid while it runs a task, else 0 */
+    _Atomic int double_start; /* an item started twice */
+    _Atomic unsigned char started[NMAX];
+};
+
+static struct chaos *C;
+
+static uint64_t expect(uint64_t i)
+{
+    return (i + 1) * 0x9E3779B97F4A7C15ull; /* never ~0: the "no result" sentinel */
+}
+
+static int task(const void *arg, void *result)
+{
+    uint64_t i = *(const uint64_t *)arg;
+    int id = pp_worker_id();
+    atomic_store(&C->in_task[id], getpid());
+    if (atomic_fetch_add(&C->started[i], 1) != 0)
+        atomic_store(&C->double_start, 1);
+    flag_wait_ge(&C->gate, (int)(i * (uint64_t)(FAULTS + 1) / N));
+    *(uint64_t *)result = expect(i);
+    atomic_store(&C->in_task[id], 0);
+    return 0;
+}
+
+enum { MODE_KILL, MODE_STOP };
+
+struct striker {
+    int mode;
+    int strikes; /* signals sent */
+    uint64_t rng;
+};
+
+/* Waits until some worker is inside a task; its index, or -1 at stop. */
+static int wait_busy_worker(struct striker *s)
+{
+    for (;;) {
+        if (atomic_load(&C->stop))
+            return -1;
+        int ids[W], n = 0;
+        for (int id = 0; id < W; id++) {
+            int p = atomic_load(&C->in_task[id]);
+            if (p != 0 && process_alive(p))
+                ids[n++] = id;
+        }
+        if (n > 0)
+            return ids[xorshift64(&s->rng) % (uint64_t)n];
+        usleep(200); /* polling a condition; the test's .timeout is the deadline */
+    }
+}
+
+static void wait_dead(int pid)
+{
+    while (process_alive(pid) && !atomic_load(&C->stop))
+        usleep(200);
+}
+
+static void *strike(void *arg)
+{
+    struct striker *s = arg;
+    for (int step = 0; step < FAULTS && s->strikes < FAULTS; step++) {
+        int id = wait_busy_worker(s);
+        if (id < 0)
+            break;
+        if (s->mode == MODE_KILL) {
+            int pid = atomic_load(&C->in_task[id]);
+            if (pid == 0 || kill(pid, SIGKILL) != 0) {
+                step--;
+                continue;
+            }
+            s->strikes++;
+            wait_dead(pid);
+        } else {
+            /* Freeze every worker inside a task, and any that enters one
+             * while the frozen ones wait for their timeout (a task waiting
+             * at the gate would otherwise time out unfrozen). */
+            int frozen[64], nf = 0;
+            for (;;) {
+                for (int k = 0; k < W && s->strikes < FAULTS && nf < 64; k++) {
+                    int pid = atomic_load(&C->in_task[k]);
+                    bool known = false;
+                    for (int j = 0; j < nf; j++)
+                        known |= frozen[j] == pid;
+                    if (pid != 0 && !known && process_alive(pid) && kill(pid, SIGSTOP) == 0) {
+                        frozen[nf++] = pid;
+                        s->strikes++;
+                    }
+                }
+                bool any = false;
+                for (int j = 0; j < nf; j++)
+                    any |= process_alive(frozen[j]);
+                if (!any || atomic_load(&C->stop))
+                    break;
+                if (s->strikes >= FAULTS)
+                    break; /* the last ones: open the gate, nobody else may wait */
+                usleep(500);
+            }
+        }
+        atomic_store(&C->gate, step + 1);
+        flag_wake(&C->gate);
+    }
+    atomic_store(&C->gate, INT_MAX);
+    flag_wake(&C->gate);
+    return NULL;
+}
+
+static uint64_t *args;
+
+static void setup(void)
+{
+    if (getenv("PP_VALGRIND")) {
+        N = NMAX / 10;
+        FAULTS = 20;
+    }
+    C = shared_alloc(sizeof *C);
+    cr_assert_not_null(C);
+    args = malloc(N * sizeof *args);
+    for (uint64_t i = 0; i < N; i++)
+        args[i] = i;
+}
+
+static void teardown(void)
+{
+    shared_release(C, sizeof *C);
+    free(args);
+}
+
+static void start_striker(pthread_t *t, struct striker *s, int mode)
+{
+    *s = (struct striker){.mode = mode, .rng = 0x1234567 + (uint64_t)getpid()};
+    cr_assert_eq(pthread_create(t, NULL, strike, s), 0);
+}
+
+static void stop_striker(pthread_t t)
+{
+    atomic_store(&C->stop, 1);
+    pthread_join(t, NULL);
+}
+
+/* The pool is whole again: every worker slot has a live process. */
+static void assert_whole(pp_pool *pool, const pp_stats *before, int strikes)
+{
+    pp_stats st;
+    cr_assert_eq(pp_pool_stats(pool, &st), 0);
+    cr_assert_eq(st.workers, W, "workers %d", st.workers);
+    cr_assert_eq(st.respawned - before->respawned, (uint64_t)strikes, "respawned %llu, strikes %d",
+                 (unsigned long long)(st.respawned - before->respawned), strikes);
+    int z = pool_zygote(), kids[64];
+    cr_assert_gt(z, 0);
+    double end = now_s() + 10;
+    while (live_children_of(z, kids, 64) != W && now_s() < end)
+        usleep(1000);
+    cr_assert_eq(live_children_of(z, kids, 64), W);
+    /* And it works: a clean map after the storm. */
+    uint64_t out[64];
+    atomic_store(&C->gate, INT_MAX);
+    cr_assert_eq(pp_map(pool, task, args, 64, sizeof *args, out, sizeof *out, 1, NULL), 0);
+    for (int i = 0; i < 64; i++)
+        cr_assert_eq(out[i], expect((uint64_t)i));
+}
+
+static void map_under(int mode, double timeout, int code)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = W, .task_timeout = timeout});
+    cr_assert_not_null(pool);
+    pp_stats before;
+    pp_pool_stats(pool, &before);
+    uint64_t *out = malloc(N * sizeof *out);
+    memset(out, 0xff, N * sizeof *out);
+    pthread_t t;
+    struct striker s;
+    double t0 = now_s();
+    start_striker(&t, &s, mode);
+    pp_error err;
+    int rc = pp_map(pool, task, args, N, sizeof *args, out, sizeof *out, 0, &err);
+    stop_striker(t);
+    double took = now_s() - t0;
+
+    size_t failed = 0, lowest = SIZE_MAX;
+    for (size_t i = 0; i < N; i++) {
+        if (out[i] == ~(uint64_t)0) {
+            failed++;
+            if (lowest == SIZE_MAX)
+                lowest = i;
+            continue;
+        }
+        cr_assert_eq(out[i], expect(i), "item %zu: wrong result", i);
+        cr_assert_eq(atomic_load(&C->started[i]), 1, "item %zu ran but never started?", i);
+    }
+    cr_assert_eq(atomic_load(&C->double_start), 0, "an item started twice");
+    cr_assert_eq(s.strikes, FAULTS, "strikes %d", s.strikes);
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    uint64_t charged =
+        mode == MODE_KILL ? st.crashed - before.crashed : st.timed_out - before.timed_out;
+    cr_assert_eq(failed, charged, "failed slots %zu, charged %llu", failed,
+                 (unsigned long long)charged);
+    cr_assert_leq(failed, (size_t)s.strikes, "more failed items (%zu) than faults", failed);
+    cr_assert_gt(failed, 0);
+    cr_assert_eq(st.failed - before.failed, 0);
+    cr_assert_eq(mode == MODE_KILL ? st.timed_out : st.crashed, 0);
+    cr_assert_eq(rc, code, "rc %d", rc);
+    cr_assert_eq(err.code, code);
+    cr_assert_eq(err.index, lowest);
+    cr_assert_eq(err.failed, failed);
+    cr_assert_eq(err.status, SIGKILL);
+    fprintf(stderr, "chaos map %s: %d faults, %zu charged, %.1f s\n",
+            mode == MODE_KILL ? "SIGKILL" : "SIGSTOP", s.strikes, failed, took);
+    assert_whole(pool, &before, s.strikes);
+    free(out);
+    pp_pool_free(pool);
+}
+
+static void imap_under(int mode, double timeout, int code)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = W, .task_timeout = timeout});
+    cr_assert_not_null(pool);
+    pp_stats before;
+    pp_pool_stats(pool, &before);
+    unsigned char *seen = calloc(N, 1);
+    pthread_t t;
+    struct striker s;
+    double t0 = now_s();
+    start_striker(&t, &s, mode);
+    pp_iter *it = pp_imap_unordered(pool, task, args, N, sizeof *args, sizeof(uint64_t), 16);
+    cr_assert_not_null(it);
+    size_t ok = 0, failed = 0;
+    for (;;) {
+        uint64_t r;
+        size_t idx = SIZE_MAX;
+        pp_error err;
+        int rc = pp_iter_next(it, &r, &idx, -1, &err);
+        if (rc == 0)
+            break;
+        cr_assert(idx < N, "index %zu", idx);
+        cr_assert_eq(seen[idx], 0, "item %zu came back twice", idx);
+        seen[idx] = 1;
+        if (rc == 1) {
+            cr_assert_eq(r, expect(idx), "item %zu: wrong result", idx);
+            ok++;
+        } else {
+            cr_assert_eq(rc, code, "item %zu: rc %d (%s)", idx, rc, err.message);
+            cr_assert_eq(err.code, code);
+            cr_assert_eq(err.index, idx);
+            cr_assert_eq(err.status, SIGKILL);
+            failed++;
+        }
+    }
+    stop_striker(t);
+    double took = now_s() - t0;
+    pp_iter_free(it);
+    cr_assert_eq(ok + failed, N, "ok %zu + failed %zu", ok, failed);
+    cr_assert_eq(atomic_load(&C->double_start), 0, "an item started twice");
+    cr_assert_eq(s.strikes, FAULTS, "strikes %d", s.strikes);
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    uint64_t charged =
+        mode == MODE_KILL ? st.crashed - before.crashed : st.timed_out - before.timed_out;
+    cr_assert_eq(failed, charged);
+    cr_assert_leq(failed, (size_t)s.strikes, "more failed items (%zu) than faults", failed);
+    cr_assert_gt(failed, 0);
+    fprintf(stderr, "chaos imap_unordered %s: %d faults, %zu charged, %.1f s\n",
+            mode == MODE_KILL ? "SIGKILL" : "SIGSTOP", s.strikes, failed, took);
+    assert_whole(pool, &before, s.strikes);
+    free(seen);
+    pp_pool_free(pool);
+}
+
+#define STOP_TIMEOUT 0.25
+
+Test(chaos, map_200k_items_200_sigkills, .init = setup, .fini = teardown, .timeout = 240)
+{
+    map_under(MODE_KILL, 0, PP_ECRASH);
+}
+
+Test(chaos, imap_unordered_200k_items_200_sigkills, .init = setup, .fini = teardown, .timeout = 240)
+{
+    imap_under(MODE_KILL, 0, PP_ECRASH);
+}
+
+Test(chaos, map_200k_items_200_sigstops_time_out, .init = setup, .fini = teardown, .timeout = 240)
+{
+    map_under(MODE_STOP, STOP_TIMEOUT, PP_ETIMEOUT);
+}
+
+Test(chaos, imap_unordered_200k_items_200_sigstops_time_out, .init = setup, .fini = teardown,
+     .timeout = 240)
+{
+    imap_under(MODE_STOP, STOP_TIMEOUT, PP_ETIMEOUT);
+}
