@@ -305,31 +305,31 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
     unsigned char *dst = piece_results(p);
     bool args_direct = abytes == 0 || pp__shm_contains(src, abytes);
     bool res_direct = rbytes == 0 || pp__shm_contains(dst, rbytes);
-    /* Results first, then a canary, then arguments: a task that writes past
-     * its result_size hits the canary, and is reported, before anything
-     * that is not its own. */
-    size_t rspan = res_direct ? 0 : round16(rbytes + sizeof pool->canary);
-    size_t need = rspan + (args_direct ? 0 : abytes);
+    /* Arguments, then results, then a guard: a task that writes past its
+     * result_size (by up to PP_GUARD bytes) hits the guard, and the chunk
+     * is reported, before it reaches anything that is not its own. */
+    size_t aspan = args_direct ? 0 : round16(abytes);
+    size_t need = aspan + (res_direct ? 0 : round16(rbytes) + PP_GUARD);
 
     struct pp_dealt *d = &w->dealt[i];
     *d = (struct pp_dealt){.piece = *p};
     unsigned char *buf = s->inl[i];
-    if (need > PP_INLINE) {
+    if (need > sizeof s->inl[i]) {
         if (pp__payload_alloc(&pool->payload, need, &d->extent) < 0)
             return -ENOMEM;
         buf = d->extent.p;
     }
+    const unsigned char *args = src;
+    if (!args_direct) {
+        memcpy(buf, src, abytes);
+        args = buf;
+    }
     d->results_in_place = res_direct;
     d->res_addr = dst;
     if (!res_direct) {
-        d->res_addr = buf;
-        d->canary = buf + rbytes;
-        memcpy(d->canary, &pool->canary, sizeof pool->canary);
-    }
-    const unsigned char *args = src;
-    if (!args_direct) {
-        memcpy(buf + rspan, src, abytes);
-        args = buf + rspan;
+        d->res_addr = buf + aspan;
+        d->canary = d->res_addr + round16(rbytes);
+        memcpy(d->canary, pool->guard, PP_GUARD);
     }
 
     struct pp_desc *desc = &s->in[i];
@@ -496,36 +496,38 @@ void pp__release_abandoned(pp_pool *pool, struct pp_dealt *d)
     pp__piece_release(pool, &d->piece);
 }
 
-/* A task that wrote past its result_size clobbered the canary after the
- * chunk's results: the last item that ran (ran items: `ran`) fails. */
-static void check_canary(pp_pool *pool, struct pp_dealt *d, uint32_t ran)
+/* A task that wrote past its result_size changed the guard after the
+ * chunk's results. What was copied out before is kept; every later item of
+ * the chunk may be affected and fails -EOVERFLOW. Returns true if so. */
+static bool guard_broken(pp_pool *pool, struct pp_dealt *d)
 {
-    if (d->canary == NULL || ran == 0 || d->piece.job->complete ||
-        memcmp(d->canary, &pool->canary, sizeof pool->canary) == 0)
-        return;
-    uint32_t last = ran - 1;
-    if (d->nfail > 0 && d->last_fail == last)
-        return;
-    pp__copy_out(d, d->copied, last, d->res_addr);
-    d->copied = last + 1;
-    d->nfail++;
-    d->last_fail = last;
-    pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + last, -EOVERFLOW, 0,
-                     "the task wrote past its result_size");
+    if (d->canary == NULL || d->piece.job->complete ||
+        memcmp(d->canary, pool->guard, PP_GUARD) == 0)
+        return false;
+    struct pp_job *job = d->piece.job;
+    pp__resolve_ok(job, d->copied - d->nfail);
+    if (d->piece.rec != NULL)
+        pp__iter_ok(d->piece.rec, d->piece.start, d->copied);
+    struct pp_piece rest = d->piece;
+    rest.start += d->copied;
+    rest.count -= d->copied;
+    pp__fail_piece(&rest, 0, -EOVERFLOW, "a task of this chunk wrote past its result_size");
+    return true;
 }
 
 static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
 {
     struct pp_job *job = d->piece.job;
-    check_canary(pool, d, d->piece.count);
-    pp__copy_out(d, d->copied, d->piece.count, d->res_addr);
-    if (job->cancelled) {
-        /* It stopped cooperatively (or finished) after it was cancelled. */
-        pp__fail_piece(&d->piece, d->nfail, PP_ECANCELED, "cancelled; the task returned");
-    } else if (!job->complete) {
-        pp__resolve_ok(job, d->piece.count - d->nfail);
-        if (d->piece.rec != NULL)
-            pp__iter_ok(d->piece.rec, d->piece.start, d->piece.count);
+    if (!guard_broken(pool, d)) {
+        pp__copy_out(d, d->copied, d->piece.count, d->res_addr);
+        if (job->cancelled) {
+            /* It stopped cooperatively (or finished) after it was cancelled. */
+            pp__fail_piece(&d->piece, d->nfail, PP_ECANCELED, "cancelled; the task returned");
+        } else if (!job->complete) {
+            pp__resolve_ok(job, d->piece.count - d->nfail);
+            if (d->piece.rec != NULL)
+                pp__iter_ok(d->piece.rec, d->piece.start, d->piece.count);
+        }
     }
     w->cancel_at = 0;
     d->done = true;
@@ -561,30 +563,54 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
     }
 }
 
+/* Entries the worker moved past without a DONE: it found their state word
+ * scribbled and skipped them. They never ran; they run again elsewhere. */
+static void requeue_skipped(pp_pool *pool, struct pp_worker *w, uint32_t head)
+{
+    for (uint32_t pos = w->retired; pos != head; pos++) {
+        struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+        if (d->done || d->withdrawn)
+            continue;
+        if (d->abandoned) {
+            pp__release_abandoned(pool, d);
+            continue;
+        }
+        d->withdrawn = true;
+        pp__payload_free(&pool->payload, &d->extent);
+        pp__retry_push_front(pool, d->piece);
+        pool->progress = true;
+    }
+}
+
 /* Reads worker `id`'s outbox to its end. Returns false if the worker broke
  * the outbox's books (then it is killed as a crashed worker). */
 bool pp__collect(pp_pool *pool, int id)
 {
     struct pp_worker *w = &pool->w[id];
     struct pp_slot *s = &pool->ctl->slot[id];
+    /* Read before the outbox: every entry the worker moved past by then
+     * has its DONE in the outbox already (posted before in_head moved). */
+    uint32_t head = atomic_load_explicit(&s->in_head, memory_order_acquire);
     uint32_t tail = atomic_load_explicit(&s->out_tail, memory_order_acquire);
     if (tail - w->out_head > PP_RING) {
         if (w->state == PP_WS_READY || w->state == PP_WS_STARTING)
             pp__kill_worker(pool, id, PP_ECRASH);
         return false;
     }
-    if (tail == w->out_head)
-        return true;
-    pool->progress = true;
-    while (w->out_head != tail) {
-        struct pp_msg m;
-        memcpy(&m, &s->out[w->out_head & PP_RING_MASK], sizeof m);
-        w->out_head++;
-        on_message(pool, w, &m);
+    if (tail != w->out_head) {
+        pool->progress = true;
+        while (w->out_head != tail) {
+            struct pp_msg m;
+            memcpy(&m, &s->out[w->out_head & PP_RING_MASK], sizeof m);
+            w->out_head++;
+            on_message(pool, w, &m);
+        }
+        atomic_store_explicit(&s->out_head, w->out_head, memory_order_release);
+        if (atomic_load(&s->sleeping)) /* it may be waiting for outbox room */
+            pp__ring_wake_worker(s);
     }
-    atomic_store_explicit(&s->out_head, w->out_head, memory_order_release);
-    if (atomic_load(&s->sleeping)) /* it may be waiting for outbox room */
-        pp__ring_wake_worker(s);
+    if (head - w->retired <= w->tail - w->retired)
+        requeue_skipped(pool, w, head);
     retire(pool, id);
     return true;
 }

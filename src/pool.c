@@ -408,7 +408,11 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
     pool->opts = o;
     pool->nworkers = o.workers;
     pool->busy_poll_ns = PP_BUSY_POLL_NS;
-    pool->canary = 0x9e3779b97f4a7c15ull ^ (uint64_t)pp__now_ns() ^ ((uint64_t)getpid() << 32);
+    uint64_t seed = 0x9e3779b97f4a7c15ull ^ (uint64_t)pp__now_ns() ^ ((uint64_t)getpid() << 32);
+    for (size_t i = 0; i < PP_GUARD; i++) { /* a pattern no task writes by chance */
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        pool->guard[i] = (unsigned char)(seed >> 56);
+    }
     pool->ctl_fd = pool->wake_fd = pool->zsock = -1;
     pthread_mutex_init(&pool->mu, NULL);
     pthread_condattr_t ca;

@@ -121,10 +121,10 @@ struct pp_pool {
     int nworkers;
     struct pp_worker *w;
     struct pp_payload payload;
-    size_t piece_budget;  /* payload bytes one piece may take */
-    uint64_t canary;      /* written after each chunk's results in payload */
-    int64_t busy_poll_ns; /* how long a poller sleeps now while workers hold work */
-    int cancels;          /* workers in a cancel grace period */
+    size_t piece_budget;           /* payload bytes one piece may take */
+    unsigned char guard[PP_GUARD]; /* written after each chunk's results in payload */
+    int64_t busy_poll_ns;          /* how long a poller sleeps now while workers hold work */
+    int cancels;                   /* workers in a cancel grace period */
 
     struct pp_job *qhead, *qtail; /* jobs with undealt items, oldest first */
     struct pp_retry retry;

@@ -29,6 +29,7 @@
 #define PP_RING      64 /* entries per inbox and per outbox; a power of two */
 #define PP_RING_MASK (PP_RING - 1)
 #define PP_INLINE    256 /* payload bytes carried inside an inbox entry */
+#define PP_GUARD     256 /* guard bytes after a chunk's results (see dispatch.c) */
 #define PP_LOW_WATER 16  /* a worker wakes the parent when this few entries are left */
 #define PP_MSG_TEXT  256
 #define PP_CTL_MAGIC 0x70706f6fu
@@ -90,7 +91,7 @@ struct pp_slot {
 
     alignas(PP_CACHELINE) struct pp_desc in[PP_RING];
     alignas(PP_CACHELINE) struct pp_msg out[PP_RING];
-    alignas(PP_CACHELINE) unsigned char inl[PP_RING][PP_INLINE];
+    alignas(PP_CACHELINE) unsigned char inl[PP_RING][PP_INLINE + PP_GUARD];
 };
 
 struct pp_ctl {

@@ -94,6 +94,26 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
     return !already_failed;
 }
 
+/* A started chunk whose running item is unknown: what it finished before
+ * its last FAIL is kept, the rest runs again. */
+static void keep_finished(pp_pool *pool, struct pp_dealt *d)
+{
+    struct pp_piece *p = &d->piece;
+    if (!p->job->complete) { /* results before `copied` were copied at each FAIL */
+        pp__resolve_ok(p->job, d->copied - d->nfail);
+        if (p->rec != NULL)
+            pp__iter_ok(p->rec, p->start, d->copied);
+    }
+    if (d->copied < p->count) {
+        struct pp_piece rest = *p;
+        rest.start += d->copied;
+        rest.count -= d->copied;
+        pp__piece_hold(&rest);
+        pp__retry_push_front(pool, rest);
+    }
+    pp__job_settle(p->job);
+}
+
 /* Settles every entry of a worker the zygote has reaped. */
 static bool settle_slot(pp_pool *pool, int id, int code, int st, const char *why)
 {
@@ -102,6 +122,17 @@ static bool settle_slot(pp_pool *pool, int id, int code, int st, const char *why
     pp__collect(pool, id);
     bool busy = atomic_load(&s->busy) != 0;
     uint32_t cur = atomic_load(&s->cur_seq), item = atomic_load(&s->cur_item);
+    /* A worker runs its entries in order: only the oldest one not settled
+     * can have been running. Our books say which that is, whatever the
+     * (possibly scribbled) slot says. */
+    uint32_t oldest = w->tail;
+    for (uint32_t pos = w->retired; pos != w->tail; pos++) {
+        struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+        if (!d->done && !d->withdrawn && !d->abandoned) {
+            oldest = pos;
+            break;
+        }
+    }
     bool charged = false;
     /* Newest first, each pushed to the front: the ring keeps input order. */
     for (uint32_t pos = w->tail - 1; pos != w->retired - 1; pos--) {
@@ -113,26 +144,28 @@ static bool settle_slot(pp_pool *pool, int id, int code, int st, const char *why
             continue;
         }
         uint32_t state = atomic_load(&s->in[pos & PP_RING_MASK].state);
+        bool started = state != PP_DESC_POSTED || d->nfail > 0;
         d->done = true;
-        pp__payload_free(&pool->payload, &d->extent);
-        bool claimed = state == PP_DESC_CLAIMED;
-        if (claimed && !(busy && cur == pos && item < d->piece.count) &&
-            ++d->piece.deaths >= PP_PIECE_DEATH_LIMIT) {
-            /* Claimed, and its worker keeps dying without a trace of which
-             * item ran (a task that wipes its slot): charge its first item,
-             * or it would be retried for ever. */
-            busy = true;
-            cur = pos;
-            item = 0;
-        }
-        if (claimed && busy && cur == pos && item < d->piece.count) {
+        if (pos == oldest && state == PP_DESC_CLAIMED && busy && cur == pos &&
+            item < d->piece.count && item >= d->copied) {
             charged |= settle_running(pool, d, item, code, st, why);
-            pp__piece_release(pool, &d->piece);
+        } else if (pos == oldest && started && d->copied < d->piece.count &&
+                   ++d->piece.deaths >= PP_PIECE_DEATH_LIMIT) {
+            /* It had started, but the slot does not say where it was (a
+             * task wiped it), again and again: charge the first item not
+             * known finished, or it would be retried for ever. */
+            charged |= settle_running(pool, d, d->copied, code, st, why);
+        } else if (pos == oldest && started) {
+            keep_finished(pool, d);
         } else {
-            /* Not started (or claimed and killed before its first item):
-             * it runs again elsewhere, whole. The payload is rebuilt. */
+            /* Not started: it runs again elsewhere, whole (the payload is
+             * rebuilt from the job's arguments). */
+            pp__payload_free(&pool->payload, &d->extent);
             pp__retry_push_front(pool, d->piece);
+            continue;
         }
+        pp__payload_free(&pool->payload, &d->extent);
+        pp__piece_release(pool, &d->piece);
     }
     return charged;
 }
@@ -150,7 +183,8 @@ static void on_exit_(pp_pool *pool, int id, int status)
     bool charged = settle_slot(pool, id, code, st, why);
     pool->live--;
     bool initfail = atomic_load(&pool->ctl->slot[id].state) == PP_W_INITFAIL;
-    bool was_killed = w->kill_code != 0;
+    /* A worker we killed for breaking its outbox is still a crash. */
+    bool was_killed = w->kill_code != 0 && w->kill_code != PP_ECRASH;
     bool succeeded = w->succeeded;
     unsigned early = w->early_deaths;
     memset(&pool->ctl->slot[id], 0, sizeof pool->ctl->slot[id]);

@@ -238,36 +238,29 @@ Test(hostile, task_scribbles_its_own_slot_once, .init = setup, .fini = teardown,
     storm(DO_SCRIBBLE_SLOT_ONCE, 24);
 }
 
-/* BUG (src/supervise.c settle_slot, on_exit_): a task that corrupts its
- * slot every time it runs is a poison chunk that is retried forever, so the
- * map never returns. When the dead worker's slot does not name a valid
- * running item (busy / cur_seq / cur_item scribbled), settle_slot puts the
- * CLAIMED chunk back at the front of the retry ring whole; it runs again,
- * corrupts again, forever. The crash-loop guard does not stop it: a worker
- * killed by pp__collect for a broken outbox has kill_code PP_ECRASH and
- * counts as "was_killed", and other workers' successes reset the count.
- * (It also re-runs items of that chunk that had finished.) Suggested fix:
- * when the entry is CLAIMED and cur_item is not valid, charge the chunk's
- * first item not known finished (d->copied) with PP_ECRASH ("the worker's
- * control slot was corrupted") and requeue only the rest, so that every
- * death settles at least one item; and do not count a kill for a broken
- * outbox as the parent's decision in on_exit_. Enable when fixed. */
+/* Open (see the note on the reliability issue): a task that scribbles over
+ * the WHOLE control block every time it runs (other workers' slots and the
+ * parent-written words included). The per-chunk death count, the book-based
+ * choice of the running entry and the requeue of skipped entries (fixed for
+ * a task that wipes its own slot: task_scribbles_its_own_slot passes) are
+ * not yet enough: a later map on the same pool was seen waiting with its job
+ * neither queued nor dealt (qhead NULL, next 0). Disabled until found. */
 Test(hostile, task_scribbles_whole_control_block, .init = setup, .fini = teardown, .timeout = 120,
      .disabled = true)
 {
     storm(DO_SCRIBBLE_ALL, 12);
 }
 
-/* BUG: as task_scribbles_whole_control_block. Enable when fixed. */
+/* Open: as task_scribbles_whole_control_block. */
 Test(hostile, task_scribbles_control_block_and_dies, .init = setup, .fini = teardown,
      .timeout = 120, .disabled = true)
 {
     storm(DO_SCRIBBLE_QUIET, 12);
 }
 
-/* BUG: as task_scribbles_whole_control_block. Enable when fixed. */
-Test(hostile, task_scribbles_its_own_slot, .init = setup, .fini = teardown, .timeout = 120,
-     .disabled = true)
+/* A task that wipes its own slot every time it runs: each such death is
+ * charged to its chunk, and after three the chunk's next item fails. */
+Test(hostile, task_scribbles_its_own_slot, .init = setup, .fini = teardown, .timeout = 120)
 {
     storm(DO_SCRIBBLE_SLOT, 12);
 }
@@ -324,15 +317,15 @@ Test(hostile, task_kills_the_helper, .init = setup, .fini = teardown, .timeout =
     cr_assert(wait_no_descendants(2.0 * slow_factor()), "processes left after pp_pool_free");
 }
 
-/* BUG (src/pool.c pp_join, src/supervise.c): a task can SIGSTOP the helper
+/* Regression (fixed; it was in src/pool.c pp_join, src/supervise.c): a task can SIGSTOP the helper
  * (its parent). The parent learns of deaths and asks for kills only through
  * the helper, and pp_join / pp_pool_free wait for the helper's answer with
  * no deadline, so pp_pool_free never returns. Suggested fix: in pp_join,
  * after the workers were told to quit or were killed, wait for the helper
  * with a deadline and then SIGKILL it (the parent is its parent; workers
- * follow through PR_SET_PDEATHSIG). Enable when fixed. */
+ * follow through PR_SET_PDEATHSIG). */
 Test(hostile, task_stops_the_helper_then_pool_free_returns, .init = setup, .fini = teardown,
-     .timeout = 20, .disabled = true)
+     .timeout = 20)
 {
     pp_pool *pool = new_pool(0);
     pp_error err;
@@ -342,15 +335,14 @@ Test(hostile, task_stops_the_helper_then_pool_free_returns, .init = setup, .fini
     cr_assert(wait_no_descendants(2.0 * slow_factor()), "processes left after pp_pool_free");
 }
 
-/* BUG (src/supervise.c, src/pool.c): with the helper stopped, a worker that
+/* Regression (fixed; it was in src/supervise.c, src/pool.c): with the helper stopped, a worker that
  * dies is never reaped, so the parent never hears of it and the map waits
  * forever (task_timeout cannot help: its kill goes through the helper).
  * Suggested fix: the parent opens a pidfd for every worker pid the helper
  * reports (pidfd_open works on any process) and polls those too, settling a
  * worker's slot when its pidfd becomes readable, and kills a worker past
- * its timeout itself with pidfd_send_signal. Enable when fixed. */
-Test(hostile, worker_dies_while_helper_is_stopped, .init = setup, .fini = teardown, .timeout = 20,
-     .disabled = true)
+ * its timeout itself with pidfd_send_signal. */
+Test(hostile, worker_dies_while_helper_is_stopped, .init = setup, .fini = teardown, .timeout = 20)
 {
     pp_pool *pool = new_pool(0);
     pp_error err;
@@ -363,7 +355,7 @@ Test(hostile, worker_dies_while_helper_is_stopped, .init = setup, .fini = teardo
     pp_pool_free(pool);
 }
 
-/* BUG (src/dispatch.c post(), src/worker.c run_item): a task that writes
+/* Regression (fixed; it was in src/dispatch.c post(), src/worker.c run_item): a task that writes
  * past its result_size overwrites whatever the parent placed after that
  * chunk's result bytes: the next inbox entry's inline arguments (or the
  * next payload block), so other items silently run on corrupted arguments
@@ -372,9 +364,8 @@ Test(hostile, worker_dies_while_helper_is_stopped, .init = setup, .fini = teardo
  * check it when the chunk's DONE arrives or its worker dies, and fail the
  * chunk (e.g. PP_ECRASH, "task wrote past its result") when it changed;
  * keep arguments before results so a short overrun hits the guard first.
- * Enable when fixed. */
-Test(hostile, task_writes_past_its_result, .init = setup, .fini = teardown, .timeout = 30,
-     .disabled = true)
+ * */
+Test(hostile, task_writes_past_its_result, .init = setup, .fini = teardown, .timeout = 30)
 {
     for (int chunk = 1; chunk <= 16; chunk *= 4) {
         pp_pool *pool = new_pool(0);

@@ -221,14 +221,18 @@ Test(map, writing_past_result_size_is_reported, .timeout = 30)
     for (int i = 0; i < 10; i++)
         in[i] = i;
     pp_error err;
-    /* One chunk of ten: item 9 is the last, its overflow reaches the canary. */
-    cr_assert_eq(pp_map(pool, overflow_on_9, in, 10, sizeof(int), out, sizeof(int), 10, &err),
+    /* Chunks of one: only the item that overran fails, the others keep theirs. */
+    cr_assert_eq(pp_map(pool, overflow_on_9, in, 10, sizeof(int), out, sizeof(int), 1, &err),
                  -EOVERFLOW);
     cr_assert_eq(err.index, 9);
     cr_assert_eq(err.failed, 1);
     cr_assert(strstr(err.message, "result_size") != NULL, "%s", err.message);
     for (int i = 0; i < 9; i++)
         cr_assert_eq(out[i], i);
+    /* In one chunk of ten, every item of the chunk may be affected: all fail. */
+    cr_assert_eq(pp_map(pool, overflow_on_9, in, 10, sizeof(int), out, sizeof(int), 10, &err),
+                 -EOVERFLOW);
+    cr_assert_eq(err.failed, 10);
     /* The next call's arguments were not touched by it. */
     cr_assert_eq(pp_map(pool, square, in, 9, sizeof(int), out, sizeof(int), 3, NULL), 0);
     for (int i = 0; i < 9; i++)

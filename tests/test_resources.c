@@ -154,7 +154,7 @@ Test(resources, thousand_pools_leave_nothing_behind, .timeout = 300)
     pp_shm_free(arena);
 }
 
-/* BUG (src/pool.c pp__job_maybe_free, src/iter.c pp_iter_free), found by
+/* Regression (fixed; it was in src/pool.c pp__job_maybe_free, src/iter.c pp_iter_free), found by
  * make check-tsan (soak/tsan_stress.c): an iterator freed half-way leaves
  * its job linked in the pool's job queue (queued, cancelled). When its last
  * in-flight piece comes back, settle_done -> pp__piece_release ->
@@ -163,8 +163,8 @@ Test(resources, thousand_pools_leave_nothing_behind, .timeout = 300)
  * heap-use-after-free (ASan reports it here within a few rounds). Fix:
  * pp__job_maybe_free must not free a job while job->queued (dequeue_head
  * then frees it), or pp__job_cancel_queued unlinks the job from the queue.
- * Enable when fixed. */
-Test(resources, iterator_freed_half_way_then_pool_used, .timeout = 60, .disabled = true)
+ * */
+Test(resources, iterator_freed_half_way_then_pool_used, .timeout = 60)
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     cr_assert_not_null(pool);

@@ -163,12 +163,12 @@ Test(threads, pools_with_respawns_while_8_threads_hammer_malloc_stdio_mutexes, .
     rounds_under_hammers(false);
 }
 
-/* BUG (src/worker.c leave(), src/zygote.c): another thread of the parent
+/* Regression (fixed; it was in src/worker.c leave(), src/zygote.c): another thread of the parent
  * can write into a stdio buffer between pp_pool_new's fflush(NULL) and the
  * fork of the helper; the helper's copy of that buffer is inherited by every
  * worker, and each worker's leave() runs fflush(NULL), so those bytes reach
- * the file again once per retiring worker. Enable when fixed. */
-Test(threads, parent_threads_stdio_output_appears_once, .timeout = 240, .disabled = true)
+ * the file again once per retiring worker. */
+Test(threads, parent_threads_stdio_output_appears_once, .timeout = 240)
 {
     rounds_under_hammers(true);
 }
