@@ -227,7 +227,8 @@ PP_API pp_queue *pp_queue_new(size_t capacity);
 /* -EMSGSIZE if len > capacity */
 PP_API int pp_queue_put(pp_queue *q, const void *msg, size_t len, double timeout);
 /* -EMSGSIZE if cap is too small: *len says the length needed, and the
- * message stays queued */
+ * message stays queued. -EBADMSG if the queue's shared memory was corrupted
+ * (the bad record is dropped; the queue goes on). */
 PP_API int pp_queue_get(pp_queue *q, void *buf, size_t cap, size_t *len, double timeout);
 PP_API void pp_queue_free(pp_queue *q);
 

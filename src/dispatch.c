@@ -272,6 +272,8 @@ static bool next_piece(pp_pool *pool, struct pp_piece *p)
 static const unsigned char *piece_args(const struct pp_piece *p)
 {
     const struct pp_job *job = p->job;
+    if (job->arg_size == 0) /* no arguments: the pointer may be NULL */
+        return p->rec != NULL ? p->rec->args : job->args;
     if (p->rec != NULL)
         return p->rec->args + (p->start - p->rec->first) * job->arg_size;
     return job->args + p->start * job->arg_size;
@@ -280,6 +282,8 @@ static const unsigned char *piece_args(const struct pp_piece *p)
 static unsigned char *piece_results(const struct pp_piece *p)
 {
     const struct pp_job *job = p->job;
+    if (job->result_size == 0) /* no results: the pointer may be NULL */
+        return p->rec != NULL ? p->rec->results : job->results;
     if (p->rec != NULL)
         return p->rec->results + (p->start - p->rec->first) * job->result_size;
     return job->results + p->start * job->result_size;

@@ -136,6 +136,19 @@ static bool activity(pp_pool *pool)
     return false;
 }
 
+/* activity() without the lock: compares only words of the shared slots
+ * (the parent publishes how far it read each outbox there). */
+static bool posted_unlocked(pp_pool *pool)
+{
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_slot *s = &pool->ctl->slot[id];
+        if (atomic_load_explicit(&s->out_tail, memory_order_acquire) !=
+            atomic_load_explicit(&s->out_head, memory_order_relaxed))
+            return true;
+    }
+    return false;
+}
+
 /* Sleeps in poll() for the whole pool until a worker, the zygote or one of
  * our threads says something, or `until`. mu held on entry and exit. */
 static void poll_for_pool(pp_pool *pool, int64_t until)
@@ -210,7 +223,7 @@ static void spin_for_activity(pp_pool *pool)
 {
     pthread_mutex_unlock(&pool->mu);
     int64_t until = pp__now_ns() + PP_SPIN_NS;
-    while (!activity(pool) && pp__now_ns() < until)
+    while (!posted_unlocked(pool) && pp__now_ns() < until)
         for (int i = 0; i < 32; i++)
             pp__cpu_relax();
     pthread_mutex_lock(&pool->mu);

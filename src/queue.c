@@ -206,7 +206,19 @@ int pp_queue_get(pp_queue *q, void *buf, size_t cap, size_t *len, double timeout
         rc = qwait(q, nonempty, 0, &q->get_seq, &q->get_waiters, deadline);
     if (rc != 0)
         return rc;
+    /* The queue lives in shared memory any process may scribble on: a
+     * record that cannot be right is dropped and reported, never followed. */
+    if (q->nrec == 0 || q->capacity == 0) {
+        pthread_mutex_unlock(&q->mu);
+        return -EBADMSG;
+    }
     struct pp_queue_rec r = recs(q)[q->head % q->nrec];
+    if (r.len > q->capacity) {
+        q->head++;
+        atomic_fetch_add(&q->put_seq, 1);
+        pthread_mutex_unlock(&q->mu);
+        return -EBADMSG;
+    }
     if (len)
         *len = (size_t)r.len;
     if (r.len > cap) {
