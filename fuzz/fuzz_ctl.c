@@ -155,7 +155,7 @@ static void submit_map(struct world *wd, struct input *in)
                          : (b >> 2 & 3) == 2 ? 40
                                              : 3000;
     size_t chunk = 1 + u8(in) % 40;
-    struct pp_job *job = pp__job_new(wd->pool, dummy, n, arg_size, result_size, chunk);
+    struct pp_job *job = pp__job_new(wd->pool, dummy, n, arg_size, result_size, chunk, 0);
     /* Never NULL: NULL with size 0 is allowed by pp_map, but dispatch.c's
      * piece_args/piece_results then compute NULL + 0, which is undefined
      * (clang's UBSan reports it; see docs/reliability.md). */
