@@ -6,7 +6,8 @@
 #    fork makes its own malloc and stdio safe in the child, but GCC 12's ASan
 #    allocator takes no lock around fork, so a fork while another thread is
 #    inside ASan's malloc can leave the child's allocator locked for ever;
-#  - 60 s of libFuzzer on the parent's decoding of the control block.
+#  - 60 s of libFuzzer on the parent's decoding of the control block, and
+#    15 s on pp_queue_get reading a scribbled queue.
 set -e
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -15,3 +16,4 @@ cmake --build build-plain -j "$(nproc)" --target test_resources test_threads >/d
 ./build-plain/tests/test_resources --jobs 1
 ./build-plain/tests/test_threads --jobs 1
 ./fuzz/run.sh "${FUZZ_SECONDS:-60}" fuzz_ctl
+./fuzz/run.sh "${FUZZ_QUEUE_SECONDS:-15}" fuzz_queue
