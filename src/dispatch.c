@@ -346,6 +346,7 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
     atomic_store_explicit(&desc->state, PP_DESC_POSTED, memory_order_relaxed);
     atomic_store_explicit(&s->in_tail, pos + 1, memory_order_release);
     w->tail = pos + 1;
+    w->unwoken = true;
     return 0;
 }
 
@@ -382,33 +383,28 @@ static void deal(pp_pool *pool)
         return;
     struct pp_piece p;
     bool have = next_piece(pool, &p);
-    bool *posted = calloc((size_t)pool->nworkers, sizeof *posted);
     /* Idle workers first. */
     for (int id = 0; have && id < pool->nworkers; id++)
-        if (pending(&pool->w[id]) == 0 && try_post(pool, id, &p, 1)) {
-            if (posted)
-                posted[id] = true;
+        if (pending(&pool->w[id]) == 0 && try_post(pool, id, &p, 1))
             have = next_piece(pool, &p);
-        }
     /* Then one more each, round after round, up to the depth. */
     bool progress = true;
     while (have && progress) {
         progress = false;
         for (int id = 0; have && id < pool->nworkers; id++)
             if (try_post(pool, id, &p, depth_for(&p))) {
-                if (posted)
-                    posted[id] = true;
                 progress = true;
                 have = next_piece(pool, &p);
             }
     }
     if (have)
         pp__retry_push_front(pool, p);
+    /* One wake-up per worker per deal, however many entries it got. */
     for (int id = 0; id < pool->nworkers; id++)
-        if (posted == NULL || posted[id])
-            if (pool->w[id].state == PP_WS_READY)
-                pp__ring_wake_worker(&pool->ctl->slot[id]);
-    free(posted);
+        if (pool->w[id].unwoken && pool->w[id].state == PP_WS_READY) {
+            pool->w[id].unwoken = false;
+            pp__ring_wake_worker(&pool->ctl->slot[id]);
+        }
 }
 
 /* Takes back the newest unclaimed entry of the busiest worker, for an idle
@@ -621,16 +617,15 @@ bool pp__collect(pp_pool *pool, int id)
 
 /* ---- failing what is pending ---------------------------------------------- */
 
-/* Fails the unresolved items of every dealt entry (of `job`, or of all jobs
- * when it is NULL). The entries stay, abandoned, until their workers answer
- * or die: only then are their payload blocks free for reuse. */
-static void abandon_dealt(pp_pool *pool, struct pp_job *job, int code, const char *why)
+/* Fails the unresolved items of every dealt entry. The entries stay, abandoned, until their workers
+ * answer or die: only then are their payload blocks free for reuse. */
+static void abandon_dealt(pp_pool *pool, int code, const char *why)
 {
     for (int id = 0; id < pool->nworkers; id++) {
         struct pp_worker *w = &pool->w[id];
         for (uint32_t pos = w->retired; pos != w->tail; pos++) {
             struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
-            if (d->done || d->withdrawn || d->abandoned || (job && d->piece.job != job))
+            if (d->done || d->withdrawn || d->abandoned)
                 continue;
             pp__fail_piece(&d->piece, d->nfail, code, why);
             d->abandoned = true;
@@ -666,7 +661,7 @@ void pp__fail_pending(pp_pool *pool, int code, const char *why)
         }
         pp__job_settle(job);
     }
-    abandon_dealt(pool, NULL, code, why);
+    abandon_dealt(pool, code, why);
 }
 
 /* ---- cancelling ------------------------------------------------------------ */

@@ -88,6 +88,7 @@ struct pp_worker {
     pid_t pid;
     uint32_t gen;
     uint32_t tail;     /* next inbox position we write */
+    bool unwoken;      /* posted to since the last wake-up */
     uint32_t retired;  /* oldest inbox position still ours to settle */
     uint32_t out_head; /* next outbox position we read */
     int kill_code;     /* why we killed it: PP_ETIMEOUT, PP_ECANCELED, PP_ECLOSED; 0: we did not */
