@@ -438,12 +438,16 @@ static void chunk_fail(struct chunk *c, uint32_t item, int code, int status, con
     c->done++;
 }
 
-static void chunk_free(struct chunk *c)
+/* Frees c, and its TASK message unless `keep_msg` (the local pool may still
+ * read its arguments: they are freed after it). */
+static void chunk_free(struct chunk *c, bool keep_msg)
 {
     pp_iter_free(c->it);
     free(c->res);
     free(c->fails);
-    free(c); /* c->msg is freed by the caller once the local pool is gone */
+    if (!keep_msg)
+        free(c->msg);
+    free(c);
 }
 
 /* Sends chunk c's answer. */
@@ -571,8 +575,6 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
     MPI_Send(&hello, sizeof hello, MPI_BYTE, 0, TAG_HELLO, m->comm);
 
     struct chunk *head = NULL, **tailp = &head;
-    unsigned char **msgs = NULL; /* TASK buffers, freed after the local pool */
-    size_t nmsgs = 0, msgs_cap = 0;
     bool terminate = true;
     int64_t nap = 0;
     for (;;) {
@@ -589,22 +591,13 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
                 free(buf);
                 stop = true;
             } else if (tag == TAG_TASK) {
-                if (nmsgs == msgs_cap) {
-                    size_t cap = msgs_cap ? msgs_cap * 2 : 64;
-                    unsigned char **v = realloc(msgs, cap * sizeof *v);
-                    if (v == NULL) {
-                        fprintf(stderr, "procpool: out of memory on MPI rank %d\n", m->rank);
-                        MPI_Abort(MPI_COMM_WORLD, 1);
-                    }
-                    msgs = v;
-                    msgs_cap = cap;
-                }
-                msgs[nmsgs++] = buf;
                 struct chunk *c = start_chunk(local, buf, len);
-                if (c != NULL) {
-                    *tailp = c;
-                    tailp = &c->next;
+                if (c == NULL) { /* rank 0 would wait for it for ever */
+                    fprintf(stderr, "procpool: MPI rank %d cannot run a piece\n", m->rank);
+                    MPI_Abort(MPI_COMM_WORLD, 1);
                 }
+                *tailp = c;
+                tailp = &c->next;
             } else {
                 free(buf);
             }
@@ -626,14 +619,7 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
             }
             send_answer(m, c);
             *cp = c->next;
-            chunk_free(c);
-            /* Its TASK buffer: the local pool read its arguments; drop it. */
-            for (size_t i = 0; i < nmsgs; i++)
-                if (msgs[i] == c->msg) {
-                    free(msgs[i]);
-                    msgs[i] = msgs[--nmsgs];
-                    break;
-                }
+            chunk_free(c, false); /* every item resolved: its arguments are not read again */
         }
         tailp = &head;
         while (*tailp != NULL)
@@ -648,18 +634,20 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
     }
     if (local != NULL && terminate)
         pp_terminate(local);
-    while (head != NULL) {
-        struct chunk *c = head;
-        head = c->next;
-        chunk_free(c);
+    struct chunk *left = head; /* their messages outlive the local pool */
+    for (struct chunk *c = left; c != NULL; c = c->next) {
+        pp_iter_free(c->it);
+        c->it = NULL;
     }
     if (local != NULL) {
         pp_close(local);
         pp_pool_free(local);
     }
-    for (size_t i = 0; i < nmsgs; i++)
-        free(msgs[i]);
-    free(msgs);
+    while (left != NULL) {
+        struct chunk *c = left;
+        left = c->next;
+        chunk_free(c, false);
+    }
     wait_sends(m);
     MPI_Send(NULL, 0, MPI_BYTE, 0, TAG_BYE, m->comm);
     MPI_Comm_free(&m->comm);
