@@ -44,7 +44,10 @@ enum { TAG_HELLO = 1, TAG_TASK, TAG_RESULT, TAG_STOP, TAG_BYE };
 
 #define NAP_MIN_NS        20000
 #define NAP_MAX_NS        1000000
-#define CREDIT_PER_WORKER 2 /* chunks a rank holds per local worker */
+#define CREDIT_PER_WORKER 2       /* chunks a rank holds per local worker, at least */
+#define CREDIT_EXTRA_MAX  1024    /* more it may ask for when its chunks are short */
+#define CREDIT_COVER_NS   5000000 /* ... to cover this much round-trip time */
+#define RATE_WINDOW_NS    10000000
 
 struct hello_msg {
     int32_t workers;
@@ -62,10 +65,14 @@ struct task_hdr {
     uint32_t count, objlen;
 };
 
-/* Then nfail struct pp_item_fail, then count * result_size result bytes. */
+/* Then nfail struct pp_item_fail, then count * result_size result bytes.
+ * `want`: how many more pieces the rank asks for with this answer (1 keeps
+ * what it holds; more when its chunks are short, 0 when it holds too many). */
 struct result_hdr {
     uint64_t id, result_size;
     uint32_t count, nfail;
+    int32_t want;
+    uint32_t unused;
 };
 
 struct send {
@@ -89,6 +96,8 @@ struct pp_mpi {
     struct remote *rp;
     uint32_t rp_cap, rp_live, rp_hint;
     uint64_t seq;
+    pp_fn *last_fn; /* the function of the last piece sent, and its name */
+    struct pp_fnref last_ref;
     struct send *sends; /* not yet complete */
     pthread_t thread;
     pthread_cond_t cond; /* the thread naps on it, with pool->mu */
@@ -257,14 +266,28 @@ static int send_piece(pp_pool *pool, int rank, const struct pp_piece *p)
 {
     struct pp_mpi *m = pool->mpi;
     const struct pp_job *job = p->job;
-    struct pp_fnref ref;
-    if (pp__fnref_encode((const void *)job->fn, &ref) < 0)
-        return PP_ENOTFOUND;
-    size_t objlen = strlen(ref.object) + 1;
+    struct pp_fnref *ref = &m->last_ref;
+    if (job->fn != m->last_fn) {
+        m->last_fn = NULL;
+        if (pp__fnref_encode((const void *)job->fn, ref) < 0)
+            return PP_ENOTFOUND;
+        m->last_fn = job->fn;
+    }
+    size_t objlen = strlen(ref->object) + 1;
     size_t head = round16(sizeof(struct task_hdr) + objlen);
     size_t abytes = (size_t)p->count * job->arg_size;
     if (abytes > (size_t)INT_MAX - head)
         return -EMSGSIZE;
+    if (m->rp_live == m->rp_cap) { /* the ranks asked for more */
+        uint32_t cap = m->rp_cap * 2;
+        struct remote *v = realloc(m->rp, cap * sizeof *v);
+        if (v == NULL)
+            return -ENOMEM;
+        memset(v + m->rp_cap, 0, (cap - m->rp_cap) * sizeof *v);
+        m->rp_hint = m->rp_cap;
+        m->rp = v;
+        m->rp_cap = cap;
+    }
     uint32_t slot = m->rp_hint;
     while (m->rp[slot].live) /* rp_live < rp_cap: there is a free one */
         slot = (slot + 1) % m->rp_cap;
@@ -273,13 +296,13 @@ static int send_piece(pp_pool *pool, int rank, const struct pp_piece *p)
         return -ENOMEM;
     uint64_t id = (++m->seq << 32) | slot;
     struct task_hdr h = {.id = id,
-                         .offset = ref.offset,
+                         .offset = ref->offset,
                          .arg_size = job->arg_size,
                          .result_size = job->result_size,
                          .count = p->count,
                          .objlen = (uint32_t)objlen};
     memcpy(buf, &h, sizeof h);
-    memcpy(buf + sizeof h, ref.object, objlen);
+    memcpy(buf + sizeof h, ref->object, objlen);
     if (abytes != 0)
         memcpy(buf + head, pp__piece_args(p), abytes);
     if (post_send(m, buf, head + abytes, rank, TAG_TASK) < 0)
@@ -297,7 +320,7 @@ static bool deal_remote(pp_pool *pool)
 {
     struct pp_mpi *m = pool->mpi;
     bool any = false;
-    while (!pool->terminated && m->rp_live < m->rp_cap) {
+    while (!pool->terminated) {
         int best = 0;
         for (int r = 1; r < m->size; r++)
             if (m->credit[r] > 0 && (best == 0 || m->credit[r] > m->credit[best]))
@@ -327,7 +350,10 @@ static void on_result(pp_pool *pool, int src, const unsigned char *buf, size_t l
     if (src <= 0 || src >= m->size || len < sizeof h)
         return;
     memcpy(&h, buf, sizeof h);
-    m->credit[src]++; /* one answer: it wants one more piece */
+    /* One answer: it wants `want` more pieces (bounded: it is our memory). */
+    int limit = CREDIT_PER_WORKER * m->workers[src] + CREDIT_EXTRA_MAX;
+    if (h.want > 0)
+        m->credit[src] = m->credit[src] + h.want > limit ? limit : m->credit[src] + h.want;
     uint32_t slot = (uint32_t)h.id;
     if (slot >= m->rp_cap)
         return;
@@ -450,13 +476,48 @@ static void chunk_free(struct chunk *c, bool keep_msg)
     free(c);
 }
 
+/* How many pieces a serving rank holds (in flight here, or credit at rank
+ * 0): twice its workers, plus enough to cover CREDIT_COVER_NS of round
+ * trip at the rate it finishes them (Little's law), so short chunks do
+ * not wait on the network, while long ones are not hoarded by a slow rank
+ * (the last pieces of a job go to whoever asks first). */
+struct flow {
+    int base, target, quota;
+    int64_t since;
+    uint32_t done;
+};
+
+/* One more chunk finished: how many pieces to ask for with its answer. */
+static int32_t flow_want(struct flow *f)
+{
+    int64_t now = pp__now_ns();
+    f->done++;
+    if (now - f->since >= RATE_WINDOW_NS) {
+        double rate = f->done * 1e9 / (double)(now - f->since);
+        double extra = rate * CREDIT_COVER_NS / 1e9;
+        f->target = f->base + (extra > CREDIT_EXTRA_MAX ? CREDIT_EXTRA_MAX : (int)extra);
+        f->since = now;
+        f->done = 0;
+    }
+    int32_t want = 1;
+    if (f->quota < f->target)
+        want += f->target - f->quota > 64 ? 64 : f->target - f->quota;
+    else if (f->quota > f->target)
+        want = 0;
+    f->quota += want - 1;
+    return want;
+}
+
 /* Sends chunk c's answer. */
-static void send_answer(struct pp_mpi *m, struct chunk *c)
+static void send_answer(struct pp_mpi *m, struct chunk *c, int32_t want)
 {
     size_t fbytes = (size_t)c->nfail * sizeof(struct pp_item_fail);
     size_t rbytes = (size_t)c->count * c->result_size;
-    struct result_hdr h = {
-        .id = c->id, .result_size = c->result_size, .count = c->count, .nfail = c->nfail};
+    struct result_hdr h = {.id = c->id,
+                           .result_size = c->result_size,
+                           .count = c->count,
+                           .nfail = c->nfail,
+                           .want = want};
     unsigned char *buf = malloc(sizeof h + fbytes + rbytes);
     if (buf == NULL) { /* rank 0 then waits for it for ever: better to stop here */
         fprintf(stderr, "procpool: out of memory on MPI rank %d\n", m->rank);
@@ -573,6 +634,8 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
         hello.workers = st.workers > 0 ? st.workers : 1;
     }
     MPI_Send(&hello, sizeof hello, MPI_BYTE, 0, TAG_HELLO, m->comm);
+    struct flow flow = {.base = CREDIT_PER_WORKER * hello.workers, .since = pp__now_ns()};
+    flow.target = flow.quota = flow.base;
 
     struct chunk *head = NULL, **tailp = &head;
     bool terminate = true;
@@ -617,7 +680,7 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
                 cp = &c->next;
                 continue;
             }
-            send_answer(m, c);
+            send_answer(m, c, flow_want(&flow));
             *cp = c->next;
             chunk_free(c, false); /* every item resolved: its arguments are not read again */
         }
