@@ -108,6 +108,9 @@ struct pp_mpi {
 
 /* True when procpool called MPI_Init_thread (then it calls MPI_Finalize). */
 static bool we_initialized;
+/* Rank 0 made its MPI pool: the serving ranks serve that one and end with
+ * it, so a run has one MPI pool. */
+static bool pool_made;
 
 static int64_t next_nap(int64_t nap)
 {
@@ -727,9 +730,11 @@ int pp__mpi_open(const pp_options *o, struct pp_mpi **out)
 {
     *out = NULL;
     int inited = 0, finalized = 0, provided = MPI_THREAD_SINGLE;
+    if (pool_made)
+        return -EALREADY; /* one MPI pool per run: its ranks have ended or serve it */
     MPI_Finalized(&finalized);
     if (finalized)
-        return -ESHUTDOWN; /* one MPI pool per run when procpool finalized MPI */
+        return -ESHUTDOWN;
     MPI_Initialized(&inited);
     if (!inited) {
         if (MPI_Init_thread(NULL, NULL, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS)
@@ -746,6 +751,7 @@ int pp__mpi_open(const pp_options *o, struct pp_mpi **out)
     MPI_Comm_size(m->comm, &m->size);
     if (m->rank != 0)
         serve(o, m);
+    pool_made = true;
     *out = m;
     if (m->size == 1)
         return 0; /* no rank to serve it: an ordinary local pool */

@@ -430,6 +430,9 @@ int main(int argc, char **argv)
         failures++;
     }
     pp_pool_free(pool);
+    /* One MPI pool per run: its serving ranks have ended with it. */
+    errno = 0;
+    CHECK(pp_pool_new(&o) == NULL && errno == EALREADY);
     if (user_init)
         MPI_Finalize();
     if (failures)
