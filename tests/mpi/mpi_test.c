@@ -264,6 +264,11 @@ static void t_error(pp_pool *pool)
         if (i != 13 && i != 50)
             CHECK(o[i].value == (long)(i * i));
     CHECK(o[13].value == 0 && o[50].value == 0); /* failed slots left as they were */
+    /* A function in no loaded object cannot be named to another rank. */
+    void *heap = malloc(64);
+    rc = pp_map(pool, (pp_fn *)heap, in, 10, sizeof *in, o, sizeof *o, 0, &err);
+    CHECK(rc == PP_ENOTFOUND && err.failed == 10 && err.index == 0);
+    free(heap);
     free(in);
     free(o);
 }
@@ -389,6 +394,12 @@ static void t_balance(pp_pool *pool)
     free(o);
 }
 
+static int fail_on_rank2(void *initarg)
+{
+    (void)initarg;
+    return env_rank() == 2 ? -1 : 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *what = argc > 1 ? argv[1] : "map";
@@ -400,6 +411,13 @@ int main(int argc, char **argv)
     pp_options o = {.workers = WORKERS, .backend = PP_BACKEND_MPI};
     if (strcmp(what, "timeout") == 0)
         o.task_timeout = 0.5;
+    if (strcmp(what, "initfail") == 0) { /* rank 2's workers fail their initializer */
+        o.initializer = fail_on_rank2;
+        errno = 0;
+        CHECK(pp_pool_new(&o) == NULL && errno == ECHILD);
+        printf("mpi_test initfail: %s\n", failures ? "FAILED" : "ok");
+        return failures ? 1 : 0;
+    }
     pp_pool *pool = pp_pool_new(&o);
     /* Only rank 0 gets here. */
     if (pool == NULL) {
