@@ -20,8 +20,9 @@
  * STOP (0 -> rank: end, killing what runs if the pool was terminated) and
  * BYE (rank -> 0: its last message). Sends are nonblocking on both sides, so
  * two large messages crossing cannot deadlock. MPI has no descriptor to sleep
- * on: an idle side polls, backing off from 20 us to 1 ms; rank 0's thread is
- * also woken at once (a condition variable) when work is queued.
+ * on: an idle side polls, napping up to 50 us while messages flow and up to
+ * 1 ms once nothing came for 50 ms; rank 0's thread is also woken at once (a
+ * condition variable) when work is queued.
  *
  * All ranks run the same program on the same architecture: structs cross as
  * bytes, functions as offsets into the same objects.
@@ -42,8 +43,10 @@
 
 enum { TAG_HELLO = 1, TAG_TASK, TAG_RESULT, TAG_STOP, TAG_BYE };
 
-#define NAP_MIN_NS        20000
-#define NAP_MAX_NS        1000000
+#define NAP_MIN_NS        10000
+#define NAP_HOT_NS        50000   /* the longest nap while messages flow */
+#define NAP_MAX_NS        1000000 /* and once nothing came for HOT_NS */
+#define HOT_NS            50000000
 #define CREDIT_PER_WORKER 2       /* chunks a rank holds per local worker, at least */
 #define CREDIT_EXTRA_MAX  1024    /* more it may ask for when its chunks are short */
 #define CREDIT_COVER_NS   5000000 /* ... to cover this much round-trip time */
@@ -112,11 +115,14 @@ static bool we_initialized;
  * it, so a run has one MPI pool. */
 static bool pool_made;
 
-static int64_t next_nap(int64_t nap)
+/* The next nap of a polling loop whose last activity was at `last`: short
+ * while messages flow, longer (cheaper) when the pool has gone quiet. */
+static int64_t next_nap(int64_t nap, int64_t last)
 {
+    int64_t max = pp__now_ns() - last < HOT_NS ? NAP_HOT_NS : NAP_MAX_NS;
     if (nap == 0)
         return NAP_MIN_NS;
-    return nap * 2 > NAP_MAX_NS ? NAP_MAX_NS : nap * 2;
+    return nap * 2 > max ? max : nap * 2;
 }
 
 static void nap_for(int64_t ns)
@@ -225,7 +231,7 @@ static void shut_ranks(struct pp_mpi *m, bool terminate)
             nap = 0;
             continue;
         }
-        nap = next_nap(nap);
+        nap = next_nap(nap, 0);
         nap_for(nap);
     }
     wait_sends(m); /* each rank read up to its STOP: everything was received */
@@ -412,7 +418,7 @@ static void *comm_thread(void *arg)
 {
     pp_pool *pool = arg;
     struct pp_mpi *m = pool->mpi;
-    int64_t nap = 0;
+    int64_t nap = 0, last = pp__now_ns();
     pthread_mutex_lock(&pool->mu);
     while (!m->quit && !pool->terminated) {
         bool busy = deal_remote(pool);
@@ -422,11 +428,12 @@ static void *comm_thread(void *arg)
         pthread_mutex_lock(&pool->mu);
         if (busy) {
             nap = 0;
+            last = pp__now_ns();
             continue;
         }
         if (m->quit || pool->terminated)
             break;
-        nap = next_nap(nap);
+        nap = next_nap(nap, last);
         int64_t until = pp__now_ns() + nap;
         struct timespec ts = {.tv_sec = until / 1000000000, .tv_nsec = until % 1000000000};
         pthread_cond_timedwait(&m->cond, &pool->mu, &ts);
@@ -642,7 +649,7 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
 
     struct chunk *head = NULL, **tailp = &head;
     bool terminate = true;
-    int64_t nap = 0;
+    int64_t nap = 0, last = pp__now_ns();
     for (;;) {
         bool busy = false, stop = false;
         unsigned char *buf;
@@ -673,7 +680,7 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
         /* Answers go back as chunks finish, in any order. */
         double wait = 0.0;
         if (!busy && head != NULL) { /* nothing else to do: wait for the oldest */
-            nap = next_nap(nap);
+            nap = next_nap(nap, last);
             wait = (double)nap / 1e9;
         }
         for (struct chunk **cp = &head; *cp != NULL;) {
@@ -693,8 +700,9 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
         busy |= test_sends(m);
         if (busy) {
             nap = 0;
+            last = pp__now_ns();
         } else if (head == NULL) {
-            nap = next_nap(nap);
+            nap = next_nap(nap, last);
             nap_for(nap);
         }
     }
