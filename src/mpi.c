@@ -104,7 +104,7 @@ struct pp_mpi {
     struct send *sends; /* not yet complete */
     pthread_t thread;
     pthread_cond_t cond; /* the thread naps on it, with pool->mu */
-    bool cond_ready, thread_started;
+    bool cond_ready, thread_made, thread_started;
     bool quit; /* pp_join: every rank ends */
     bool shut; /* STOP sent to every rank and every BYE received */
 };
@@ -815,7 +815,7 @@ int pp__mpi_start(pp_pool *pool)
     int rc = pthread_create(&m->thread, NULL, comm_thread, pool);
     if (rc != 0)
         return -rc;
-    m->thread_started = true;
+    m->thread_made = m->thread_started = true;
     return 0;
 }
 
@@ -842,13 +842,13 @@ void pp__mpi_stop(pp_pool *pool)
     if (m->size <= 1)
         return;
     if (m->thread_started) {
+        m->thread_started = false; /* one caller joins it */
         m->quit = true;
         pthread_cond_signal(&m->cond);
         pthread_mutex_unlock(&pool->mu);
         pthread_join(m->thread, NULL);
         pthread_mutex_lock(&pool->mu);
-        m->thread_started = false;
-    } else {
+    } else if (!m->thread_made) {
         shut_ranks(m, true); /* a pool that failed to start */
     }
     if (m->rp != NULL)
