@@ -624,33 +624,45 @@ bool pp__collect(pp_pool *pool, int id)
 
 /* A piece that ran on another MPI rank came back: `res` holds its count
  * results, `fails` its failed items (increasing). As for a local chunk, a
- * failed item's result slot is left as it was, the others are copied. */
+ * failed item's result slot is left as it was, the others are copied. An
+ * item failed with code 0 did not run there (that rank's workers keep
+ * dying): it goes back to the front of the queue, for another rank. */
 void pp__piece_done(pp_pool *pool, struct pp_piece *p, const unsigned char *res,
                     const struct pp_item_fail *fails, uint32_t nfail)
 {
     struct pp_job *job = p->job;
     size_t r = job->result_size;
     unsigned char *dst = piece_results(p);
-    uint32_t from = 0;
+    uint32_t from = 0, failed = 0;
     for (uint32_t k = 0; k <= nfail && !job->complete; k++) {
         uint32_t to = k < nfail ? fails[k].item : p->count;
-        if (r != 0 && to > from)
-            memcpy(dst + from * r, res + from * r, (to - from) * r);
+        if (to > from) {
+            if (r != 0)
+                memcpy(dst + from * r, res + from * r, (to - from) * r);
+            if (!job->cancelled) {
+                pp__resolve_ok(job, to - from);
+                if (p->rec != NULL)
+                    pp__iter_ok(p->rec, p->start + from, to - from);
+            }
+        }
         if (k == nfail)
             break;
+        from = to + 1;
+        if (fails[k].code == 0 && !job->cancelled) {
+            struct pp_piece one = {.job = job, .rec = p->rec, .start = p->start + to, .count = 1};
+            pp__piece_hold(&one);
+            pp__retry_push_front(pool, one);
+            continue;
+        }
         char text[sizeof fails[k].text];
         memcpy(text, fails[k].text, sizeof text);
         text[sizeof text - 1] = '\0';
-        pp__resolve_fail(job, p->rec, p->start + to, fails[k].code, fails[k].status, text);
-        from = to + 1;
+        pp__resolve_fail(job, p->rec, p->start + to, fails[k].code ? fails[k].code : PP_ESPAWN,
+                         fails[k].status, text);
+        failed++;
     }
     if (job->cancelled)
-        pp__fail_piece(p, nfail, PP_ECANCELED, "cancelled; the task returned");
-    else if (!job->complete) {
-        pp__resolve_ok(job, p->count - nfail);
-        if (p->rec != NULL)
-            pp__iter_ok(p->rec, p->start, p->count);
-    }
+        pp__fail_piece(p, failed, PP_ECANCELED, "cancelled; the task returned");
     pp__job_settle(job);
     pp__piece_release(pool, p);
 }

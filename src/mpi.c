@@ -75,7 +75,8 @@ struct result_hdr {
     uint64_t id, result_size;
     uint32_t count, nfail;
     int32_t want;
-    uint32_t unused;
+    uint32_t broken; /* its local pool broke (a crash loop): it wants nothing more,
+                        and its items failed with code 0 run elsewhere */
 };
 
 struct send {
@@ -94,7 +95,8 @@ struct remote { /* a piece that runs on a rank */
 struct pp_mpi {
     MPI_Comm comm;
     int rank, size;
-    int *credit;  /* per rank: pieces it asked for and has not got */
+    int *credit;  /* per rank: pieces it asked for and has not got; -1: broken */
+    int alive;    /* ranks not broken */
     int *workers; /* per rank */
     struct remote *rp;
     uint32_t rp_cap, rp_live, rp_hint;
@@ -329,7 +331,7 @@ static bool deal_remote(pp_pool *pool)
 {
     struct pp_mpi *m = pool->mpi;
     bool any = false;
-    while (!pool->terminated) {
+    while (!pool->terminated && !pool->broken) {
         int best = 0;
         for (int r = 1; r < m->size; r++)
             if (m->credit[r] > 0 && (best == 0 || m->credit[r] > m->credit[best]))
@@ -361,8 +363,12 @@ static void on_result(pp_pool *pool, int src, const unsigned char *buf, size_t l
     memcpy(&h, buf, sizeof h);
     /* One answer: it wants `want` more pieces (bounded: it is our memory). */
     int limit = CREDIT_PER_WORKER * m->workers[src] + CREDIT_EXTRA_MAX;
-    if (h.want > 0)
+    if (h.broken && m->credit[src] >= 0) {
+        m->credit[src] = -1; /* it gets nothing more */
+        m->alive--;
+    } else if (h.want > 0 && m->credit[src] >= 0) {
         m->credit[src] = m->credit[src] + h.want > limit ? limit : m->credit[src] + h.want;
+    }
     uint32_t slot = (uint32_t)h.id;
     if (slot >= m->rp_cap)
         return;
@@ -385,6 +391,13 @@ static void on_result(pp_pool *pool, int src, const unsigned char *buf, size_t l
         pp__fail_piece(p, 0, -EPROTO, "a malformed answer from an MPI rank");
         pp__job_settle(p->job);
         pp__piece_release(pool, p);
+    }
+    if (m->alive == 0 && !pool->broken) { /* as a local pool whose every slot gave up */
+        pool->broken = true;
+        pp__fail_pending(pool, PP_ESPAWN,
+                         "the workers of every MPI rank keep dying before finishing any task");
+    } else if (pool->broken) {
+        pp__fail_pending(pool, PP_ESPAWN, "the workers of every MPI rank keep dying");
     }
     notify_progress(pool);
 }
@@ -519,7 +532,7 @@ static int32_t flow_want(struct flow *f)
 }
 
 /* Sends chunk c's answer. */
-static void send_answer(struct pp_mpi *m, struct chunk *c, int32_t want)
+static void send_answer(struct pp_mpi *m, struct chunk *c, int32_t want, bool broken)
 {
     size_t fbytes = (size_t)c->nfail * sizeof(struct pp_item_fail);
     size_t rbytes = (size_t)c->count * c->result_size;
@@ -527,7 +540,8 @@ static void send_answer(struct pp_mpi *m, struct chunk *c, int32_t want)
                            .result_size = c->result_size,
                            .count = c->count,
                            .nfail = c->nfail,
-                           .want = want};
+                           .want = broken ? 0 : want,
+                           .broken = broken};
     unsigned char *buf = malloc(sizeof h + fbytes + rbytes);
     if (buf == NULL) { /* rank 0 then waits for it for ever: better to stop here */
         fprintf(stderr, "procpool: out of memory on MPI rank %d\n", m->rank);
@@ -563,7 +577,7 @@ static pp_fn *resolve(const struct task_hdr *h, const char *object)
 
 /* Starts the piece a TASK message carries (taking `buf`) on the local pool.
  * Returns the chunk, or NULL when the message makes no sense. */
-static struct chunk *start_chunk(pp_pool *local, unsigned char *buf, size_t len)
+static struct chunk *start_chunk(pp_pool *local, unsigned char *buf, size_t len, bool *broken)
 {
     struct task_hdr h;
     if (len < sizeof h)
@@ -598,15 +612,21 @@ static struct chunk *start_chunk(pp_pool *local, unsigned char *buf, size_t len)
         local ? pp_imap(local, fn, buf + head, h.count, h.arg_size, h.result_size, h.count) : NULL;
     if (c->it == NULL) {
         int code = local == NULL ? -ECHILD : errno == ESHUTDOWN ? PP_ECLOSED : -errno;
+        if (local != NULL && errno == ECHILD) { /* it broke: run them elsewhere */
+            *broken = true;
+            code = 0;
+        }
         for (uint32_t i = 0; i < c->count; i++)
-            chunk_fail(c, i, code, 0, pp_strerror(code));
+            chunk_fail(c, i, code, 0, code ? pp_strerror(code) : "this rank's workers keep dying");
     }
     return c;
 }
 
 /* Takes what chunk c's items finished, waiting up to `timeout` seconds for
- * the first one. Returns true if any did. */
-static bool chunk_progress(struct chunk *c, double timeout)
+ * the first one. Returns true if any did. Sets *broken when the local pool
+ * broke (a crash loop): its items failed PP_ESPAWN without running, and go
+ * back to rank 0 to run elsewhere (code 0). */
+static bool chunk_progress(struct chunk *c, double timeout, bool *broken)
 {
     bool any = false;
     while (c->it != NULL && c->done < c->count) {
@@ -622,7 +642,10 @@ static bool chunk_progress(struct chunk *c, double timeout)
         else if (rc == 0) /* cannot happen before count items: fail the rest */
             while (c->done < c->count)
                 chunk_fail(c, c->done, PP_ECLOSED, 0, "the local pool ended");
-        else
+        else if (rc == PP_ESPAWN) {
+            *broken = true;
+            chunk_fail(c, c->done, 0, 0, err.message);
+        } else
             chunk_fail(c, c->done, rc, err.status, rc == err.code ? err.message : pp_strerror(rc));
     }
     return any;
@@ -648,7 +671,7 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
     flow.target = flow.quota = flow.base;
 
     struct chunk *head = NULL, **tailp = &head;
-    bool terminate = true;
+    bool terminate = true, broken = false;
     int64_t nap = 0, last = pp__now_ns();
     for (;;) {
         bool busy = false, stop = false;
@@ -664,7 +687,7 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
                 free(buf);
                 stop = true;
             } else if (tag == TAG_TASK) {
-                struct chunk *c = start_chunk(local, buf, len);
+                struct chunk *c = start_chunk(local, buf, len, &broken);
                 if (c == NULL) { /* rank 0 would wait for it for ever */
                     fprintf(stderr, "procpool: MPI rank %d cannot run a piece\n", m->rank);
                     MPI_Abort(MPI_COMM_WORLD, 1);
@@ -685,12 +708,12 @@ _Noreturn static void serve(const pp_options *o, struct pp_mpi *m)
         }
         for (struct chunk **cp = &head; *cp != NULL;) {
             struct chunk *c = *cp;
-            busy |= chunk_progress(c, cp == &head ? wait : 0.0);
+            busy |= chunk_progress(c, cp == &head ? wait : 0.0, &broken);
             if (c->done < c->count) {
                 cp = &c->next;
                 continue;
             }
-            send_answer(m, c, flow_want(&flow));
+            send_answer(m, c, flow_want(&flow), broken);
             *cp = c->next;
             chunk_free(c, false); /* every item resolved: its arguments are not read again */
         }
@@ -794,6 +817,7 @@ int pp__mpi_start(pp_pool *pool)
         }
         m->workers[st.MPI_SOURCE] = h.workers;
         m->credit[st.MPI_SOURCE] = CREDIT_PER_WORKER * h.workers;
+        m->alive++;
         total += (uint64_t)h.workers;
         credit += (uint64_t)CREDIT_PER_WORKER * (uint64_t)h.workers;
     }

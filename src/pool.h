@@ -189,7 +189,8 @@ bool pp__next_piece(pp_pool *pool, struct pp_piece *p);
 const unsigned char *pp__piece_args(const struct pp_piece *p);
 struct pp_item_fail { /* one failed item of a piece that ran elsewhere */
     uint32_t item;    /* inside the piece, increasing */
-    int32_t code, status;
+    int32_t code;     /* 0: it did not run there; run it elsewhere */
+    int32_t status;
     char text[256];
 };
 void pp__piece_done(pp_pool *pool, struct pp_piece *p, const unsigned char *res,

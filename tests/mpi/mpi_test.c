@@ -10,6 +10,7 @@
 #include "procpool.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <mpi.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -417,6 +418,50 @@ static void t_singleton(pp_pool *pool)
     free(o);
 }
 
+/* Rank 2's workers break down: after its first chunk, every new worker
+ * fails its initializer (max_tasks_per_child = 1 makes new ones), so its
+ * local pool gives up (PP_ESPAWN). What it had not run runs on rank 1. */
+static char marker[64];
+
+static void remove_marker(void)
+{
+    unlink(marker);
+}
+
+static int broken_on_rank2(void *initarg)
+{
+    (void)initarg;
+    return env_rank() == 2 && access(marker, F_OK) == 0 ? -1 : 0;
+}
+
+static int mark_then_square(const void *arg, void *result)
+{
+    if (env_rank() == 2)
+        close(open(marker, O_CREAT | O_WRONLY, 0600));
+    return square(arg, result);
+}
+
+static void t_broken(pp_pool *pool)
+{
+    size_t n = 60;
+    long *in = inputs(n);
+    struct out *o = calloc(n, sizeof *o);
+    pp_error err;
+    CHECK(pp_map(pool, mark_then_square, in, n, sizeof *in, o, sizeof *o, 1, &err) == 0);
+    check_squares(o, n, "a rank broke down");
+    size_t by2 = 0;
+    for (size_t i = 0; i < n; i++)
+        by2 += o[i].rank == 2;
+    printf("broken: rank 2 ran %zu items before it broke down\n", by2);
+    CHECK(by2 <= WORKERS);
+    memset(o, 0, n * sizeof *o);
+    CHECK(pp_map(pool, square, in, n, sizeof *in, o, sizeof *o, 1, &err) == 0);
+    for (size_t i = 0; i < n; i++)
+        CHECK(o[i].rank == 1); /* rank 2 gets nothing more */
+    free(in);
+    free(o);
+}
+
 static int fail_on_rank2(void *initarg)
 {
     (void)initarg;
@@ -434,6 +479,12 @@ int main(int argc, char **argv)
     pp_options o = {.workers = WORKERS, .backend = PP_BACKEND_MPI};
     if (strcmp(what, "timeout") == 0)
         o.task_timeout = 0.5;
+    if (strcmp(what, "broken") == 0) {
+        snprintf(marker, sizeof marker, "/tmp/pp-mpi-test-%d", (int)getpid());
+        atexit(remove_marker); /* a serving rank ends with exit(0) */
+        o.initializer = broken_on_rank2;
+        o.max_tasks_per_child = 1;
+    }
     if (strcmp(what, "initfail") == 0) { /* rank 2's workers fail their initializer */
         o.initializer = fail_on_rank2;
         errno = 0;
@@ -471,6 +522,8 @@ int main(int argc, char **argv)
         t_balance(pool);
     else if (strcmp(what, "singleton") == 0)
         t_singleton(pool);
+    else if (strcmp(what, "broken") == 0)
+        t_broken(pool);
     else {
         fprintf(stderr, "unknown scenario %s\n", what);
         failures++;
