@@ -403,6 +403,39 @@ static void t_balance(pp_pool *pool)
     free(o);
 }
 
+/* Large arguments and results: messages past MPI's eager limit, both ways
+ * at once (rendezvous sends must not deadlock). */
+enum { BIG = 64 * 1024 };
+struct big {
+    uint32_t v[BIG];
+};
+
+static int reverse_big(const void *arg, void *result)
+{
+    const struct big *a = arg;
+    struct big *r = result;
+    for (size_t i = 0; i < BIG; i++)
+        r->v[i] = a->v[BIG - 1 - i] + 1;
+    return 0;
+}
+
+static void t_big(pp_pool *pool)
+{
+    size_t n = 64;
+    struct big *in = malloc(n * sizeof *in), *out = calloc(n, sizeof *out);
+    for (size_t k = 0; k < n; k++)
+        for (size_t i = 0; i < BIG; i++)
+            in[k].v[i] = (uint32_t)(k * BIG + i);
+    CHECK(pp_map(pool, reverse_big, in, n, sizeof *in, out, sizeof *out, 3, NULL) == 0);
+    size_t bad = 0;
+    for (size_t k = 0; k < n; k++)
+        for (size_t i = 0; i < BIG; i++)
+            bad += out[k].v[i] != in[k].v[BIG - 1 - i] + 1;
+    CHECK(bad == 0);
+    free(in);
+    free(out);
+}
+
 /* Started without mpirun: one rank, nobody to serve it: a local pool. */
 static void t_singleton(pp_pool *pool)
 {
@@ -524,6 +557,8 @@ int main(int argc, char **argv)
         t_singleton(pool);
     else if (strcmp(what, "broken") == 0)
         t_broken(pool);
+    else if (strcmp(what, "big") == 0)
+        t_big(pool);
     else {
         fprintf(stderr, "unknown scenario %s\n", what);
         failures++;
