@@ -377,7 +377,7 @@ static void on_result(pp_pool *pool, int src, const unsigned char *buf, size_t l
         return; /* failed already (terminate) */
     r->live = false;
     m->rp_live--;
-    struct pp_piece *p = &r->piece;
+    struct pp_piece piece = r->piece, *p = &piece; /* the slot is free from here */
     size_t fbytes = (size_t)h.nfail * sizeof(struct pp_item_fail);
     size_t rbytes = (size_t)p->count * p->job->result_size;
     const struct pp_item_fail *fails = (const struct pp_item_fail *)(buf + sizeof h);
