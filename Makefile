@@ -16,8 +16,9 @@ all:
 demo: deps-build all
 	./$(BUILD)/examples/tour
 
-# Installs missing test dependencies (as root, through apt-get), builds with
-# ASan + UBSan, runs every test, then checks that an outside program builds
+# Installs missing test dependencies (as root, through apt-get; Open MPI
+# among them), builds with ASan + UBSan, runs every test (the MPI backend's
+# under mpirun: CTest's mpi_*), then checks that an outside program builds
 # against the installed library through pkg-config.
 check: deps
 	$(CMAKE) -S . -B $(CHECK) -DCMAKE_BUILD_TYPE=Debug -DPP_SANITIZE=ON >/dev/null

@@ -46,6 +46,7 @@ TITLES = {  # column titles; the legend under the table spells them out
     "executor": "Executor",
     "pthread": "pthread",
     "serial": "serial",
+    "procpool-mpi": "pp-MPI",
 }
 
 
@@ -192,6 +193,9 @@ def table(sides, seconds):
     out.append("")
     out.append("Pool = multiprocessing.Pool, Executor = concurrent.futures.ProcessPoolExecutor "
                "(both fork), pthread = bench/pthread_pool.c, serial = a plain loop.")
+    if any(s.name == "procpool-mpi" for s in sides):
+        out.append("pp-MPI = procpool with PP_BACKEND_MPI under mpirun -n 2: rank 0 holds the "
+                   "pool, one serving rank runs the workers (workloads 1-4).")
     out.append(f"Each cell: median [min-max] of {'/'.join(sorted(reps)) or '?'} runs "
                f"(workload 7: twice as many); workers = {w}; "
                "ratio = procpool median / other median "

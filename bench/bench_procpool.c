@@ -135,8 +135,16 @@ int main(int argc, char **argv)
     const char *backend = getenv("PP_BENCH_BACKEND");
     if (start && strcmp(start, "spawn") == 0)
         base.start = PP_START_SPAWN;
-    if (backend && strcmp(backend, "mpi") == 0)
+    if (backend && strcmp(backend, "mpi") == 0) {
         base.backend = PP_BACKEND_MPI;
+        /* Under mpirun every rank runs this program; only rank 0 reports
+         * (the others serve its pool and end inside pp_pool_new). */
+        const char *rank = getenv("OMPI_COMM_WORLD_RANK");
+        if (rank == NULL)
+            rank = getenv("PMI_RANK");
+        if (rank != NULL && atoi(rank) != 0 && freopen("/dev/null", "w", stdout) == NULL)
+            return 1;
+    }
     const char *side = getenv("PP_BENCH_SIDE");
     const bench_backend b = {
         .side = side && *side ? side : "procpool",

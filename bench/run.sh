@@ -38,7 +38,8 @@ side pthread "$build/bench/bench_pthread" pthread
 side serial "$build/bench/bench_pthread" serial
 # Issue 7 adds columns here, e.g.:
 #   side procpool-spawn env PP_BENCH_START=spawn "$build/bench/bench_procpool"
-#   side procpool-mpi env PP_BENCH_BACKEND=mpi mpirun -n 2 "$build/bench/bench_procpool"
+# The MPI backend, workloads 1-4 (bench/mpi_side.sh):
+side procpool-mpi "$here/mpi_side.sh" "$build"
 
 load() { cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?"; }
 load0=$(load)

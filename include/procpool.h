@@ -96,7 +96,12 @@ typedef struct pp_options {            /* zero = default, so (pp_options){.worke
  * opts may be NULL (all defaults). Returns NULL with errno set on failure:
  * EINVAL (bad options), ENOMEM, ECHILD (the initializer failed in a worker,
  * or a worker died while starting), or the errno of a failed system call.
- * Call from the parent process, any thread. */
+ * Call from the parent process, any thread.
+ * PP_BACKEND_MPI (docs/distributed.md): every MPI rank calls it; rank 0 gets
+ * the pool, every other rank serves it and never returns (its process ends
+ * with MPI_Finalize and exit(0) when rank 0 frees the pool). ENOTSUP: built
+ * without MPI, or MPI initialized by the program below
+ * MPI_THREAD_SERIALIZED; EALREADY: a second MPI pool in one run. */
 PP_API pp_pool *pp_pool_new(const pp_options *opts);
 /* No more submissions; queued work still runs. Idempotent. */
 PP_API int pp_close(pp_pool *pool);

@@ -16,6 +16,8 @@ if [ "$1" = check ]; then
   have clang || need="$need clang"
   echo 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n){(void)d;(void)n;return 0;}' |
     clang -x c -fsanitize=fuzzer -o /dev/null - 2>/dev/null || need="$need libclang-rt-dev"
+  # the MPI backend's tests run under mpirun (Open MPI from Debian)
+  { have mpicc && have mpirun; } || need="$need libopenmpi-dev openmpi-bin"
 fi
 if [ "$1" = valgrind ]; then
   pkg-config --exists criterion 2>/dev/null || need="$need libcriterion-dev"

@@ -223,7 +223,7 @@ static size_t piece_limit(pp_pool *pool, const struct pp_job *job)
 }
 
 /* Takes the next piece to run: requeued work first, then jobs in order. */
-static bool next_piece(pp_pool *pool, struct pp_piece *p)
+bool pp__next_piece(pp_pool *pool, struct pp_piece *p)
 {
     bool got;
     while ((got = retry_pop(pool, p)) && p->job->cancelled) {
@@ -277,6 +277,11 @@ static const unsigned char *piece_args(const struct pp_piece *p)
     if (p->rec != NULL)
         return p->rec->args + (p->start - p->rec->first) * job->arg_size;
     return job->args + p->start * job->arg_size;
+}
+
+const unsigned char *pp__piece_args(const struct pp_piece *p)
+{
+    return piece_args(p);
 }
 
 static unsigned char *piece_results(const struct pp_piece *p)
@@ -382,11 +387,11 @@ static void deal(pp_pool *pool)
     if (!room)
         return;
     struct pp_piece p;
-    bool have = next_piece(pool, &p);
+    bool have = pp__next_piece(pool, &p);
     /* Idle workers first. */
     for (int id = 0; have && id < pool->nworkers; id++)
         if (pending(&pool->w[id]) == 0 && try_post(pool, id, &p, 1))
-            have = next_piece(pool, &p);
+            have = pp__next_piece(pool, &p);
     /* Then one more each, round after round, up to the depth. */
     bool progress = true;
     while (have && progress) {
@@ -394,7 +399,7 @@ static void deal(pp_pool *pool)
         for (int id = 0; have && id < pool->nworkers; id++)
             if (try_post(pool, id, &p, depth_for(&p))) {
                 progress = true;
-                have = next_piece(pool, &p);
+                have = pp__next_piece(pool, &p);
             }
     }
     if (have)
@@ -615,6 +620,53 @@ bool pp__collect(pp_pool *pool, int id)
     return true;
 }
 
+/* ---- work that ran elsewhere ----------------------------------------------- */
+
+/* A piece that ran on another MPI rank came back: `res` holds its count
+ * results, `fails` its failed items (increasing). As for a local chunk, a
+ * failed item's result slot is left as it was, the others are copied. An
+ * item failed with code 0 did not run there (that rank's workers keep
+ * dying): it goes back to the front of the queue, for another rank. */
+void pp__piece_done(pp_pool *pool, struct pp_piece *p, const unsigned char *res,
+                    const struct pp_item_fail *fails, uint32_t nfail)
+{
+    struct pp_job *job = p->job;
+    size_t r = job->result_size;
+    unsigned char *dst = piece_results(p);
+    uint32_t from = 0, failed = 0;
+    for (uint32_t k = 0; k <= nfail && !job->complete; k++) {
+        uint32_t to = k < nfail ? fails[k].item : p->count;
+        if (to > from) {
+            if (r != 0)
+                memcpy(dst + from * r, res + from * r, (to - from) * r);
+            if (!job->cancelled) {
+                pp__resolve_ok(job, to - from);
+                if (p->rec != NULL)
+                    pp__iter_ok(p->rec, p->start + from, to - from);
+            }
+        }
+        if (k == nfail)
+            break;
+        from = to + 1;
+        if (fails[k].code == 0 && !job->cancelled) {
+            struct pp_piece one = {.job = job, .rec = p->rec, .start = p->start + to, .count = 1};
+            pp__piece_hold(&one);
+            pp__retry_push_front(pool, one);
+            continue;
+        }
+        char text[sizeof fails[k].text];
+        memcpy(text, fails[k].text, sizeof text);
+        text[sizeof text - 1] = '\0';
+        pp__resolve_fail(job, p->rec, p->start + to, fails[k].code ? fails[k].code : PP_ESPAWN,
+                         fails[k].status, text);
+        failed++;
+    }
+    if (job->cancelled)
+        pp__fail_piece(p, failed, PP_ECANCELED, "cancelled; the task returned");
+    pp__job_settle(job);
+    pp__piece_release(pool, p);
+}
+
 /* ---- failing what is pending ---------------------------------------------- */
 
 /* Fails the unresolved items of every dealt entry. The entries stay, abandoned, until their workers
@@ -819,6 +871,8 @@ void pp__pump(pp_pool *pool)
         deal(pool);
         balance(pool);
     }
+    if (pool->mpi != NULL && (pool->qhead != NULL || pool->retry.len != 0))
+        pp__mpi_kick(pool);
     /* Whoever waits for what we just resolved may be asleep in poll(). */
     if (pool->progress) {
         pool->progress = false;

@@ -321,8 +321,8 @@ static int check_options(const pp_options *o)
         return -EINVAL;
     if (o->backend != PP_BACKEND_LOCAL && o->backend != PP_BACKEND_MPI)
         return -EINVAL;
-    if (o->start == PP_START_SPAWN || o->backend == PP_BACKEND_MPI)
-        return -ENOTSUP; /* not built yet: see the spawn/MPI issue */
+    if (o->start == PP_START_SPAWN)
+        return -ENOTSUP; /* not built yet: see the spawn issue */
     return 0;
 }
 
@@ -400,15 +400,30 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
         long cpus = sysconf(_SC_NPROCESSORS_ONLN);
         o.workers = cpus > 0 ? (int)(cpus > MAX_WORKERS ? MAX_WORKERS : cpus) : 1;
     }
+    /* MPI: a serving rank never returns from here; on rank 0 the other
+     * ranks are the workers and this process runs none (mpi.c). */
+    struct pp_mpi *mpi = NULL;
+    bool remote = false;
+    if (o.backend == PP_BACKEND_MPI) {
+        if ((rc = pp__mpi_open(&o, &mpi)) < 0) {
+            errno = -rc;
+            return NULL;
+        }
+        remote = rc == 1;
+    }
     if ((rc = pp__shm_init()) < 0) {
+        pp__mpi_close(mpi);
         errno = -rc;
         return NULL;
     }
     pp_pool *pool = calloc(1, sizeof *pool);
-    if (pool == NULL)
+    if (pool == NULL) {
+        pp__mpi_close(mpi);
         return NULL;
+    }
     pool->opts = o;
-    pool->nworkers = o.workers;
+    pool->nworkers = remote ? 0 : o.workers;
+    pool->mpi = mpi;
     pool->busy_poll_ns = PP_BUSY_POLL_NS;
     uint64_t seed = 0x9e3779b97f4a7c15ull ^ (uint64_t)pp__now_ns() ^ ((uint64_t)getpid() << 32);
     for (size_t i = 0; i < PP_GUARD; i++) { /* a pattern no task writes by chance */
@@ -423,7 +438,7 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
     pthread_cond_init(&pool->cond, &ca);
     pthread_cond_init(&pool->thread_cond, NULL);
     pthread_condattr_destroy(&ca);
-    pool->w = calloc((size_t)o.workers, sizeof *pool->w);
+    pool->w = calloc((size_t)o.workers, sizeof *pool->w); /* o.workers > 0 */
     if (pool->w == NULL) {
         rc = -ENOMEM;
         goto fail;
@@ -435,14 +450,26 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
         rc = -errno;
         goto fail;
     }
-    if ((rc = start_workers(pool)) < 0)
+    if (remote) {
+        pool->zygote_gone = true; /* there is none: nothing local to watch */
+        if ((rc = pp__mpi_start(pool)) < 0)
+            goto fail;
+    } else if ((rc = start_workers(pool)) < 0) {
         goto fail;
+    }
     if ((rc = -pthread_create(&pool->thread, NULL, library_thread, pool)) < 0)
         goto fail;
     pool->thread_started = true;
     return pool;
 fail:
+    if (pool->mpi != NULL) {
+        pthread_mutex_lock(&pool->mu);
+        pool->terminated = pool->closed = true;
+        pp__mpi_stop(pool);
+        pthread_mutex_unlock(&pool->mu);
+    }
     release_resources(pool);
+    pp__mpi_close(pool->mpi);
     free(pool->w);
     pthread_mutex_destroy(&pool->mu);
     pthread_cond_destroy(&pool->cond);
@@ -461,7 +488,7 @@ static bool job_ready(void *arg)
 
 size_t pp__default_chunksize(const pp_pool *pool, size_t n)
 {
-    size_t per = (size_t)pool->nworkers * 4;
+    size_t per = ((size_t)pool->nworkers + (size_t)pool->remote_workers) * 4;
     size_t c = n / per + (n % per ? 1 : 0);
     return c ? c : 1;
 }
@@ -574,6 +601,8 @@ PP_API int pp_terminate(pp_pool *pool)
         pool->terminated = pool->closed = true;
         pp__pump(pool); /* take in what already finished */
         pp__fail_pending(pool, PP_ECLOSED, "the pool was terminated");
+        if (pool->mpi != NULL)
+            pp__mpi_terminate(pool);
         for (int id = 0; id < pool->nworkers; id++)
             pp__kill_worker(pool, id, PP_ECLOSED);
         pp__wake_thread(pool);
@@ -620,6 +649,8 @@ PP_API int pp_join(pp_pool *pool)
     }
     if (!pool->terminated && !pool->broken)
         pp__wait(pool, drained, pool, PP_FOREVER);
+    if (pool->mpi != NULL)
+        pp__mpi_stop(pool); /* every rank is told to end, and has answered */
     pool->quitting = true;
     for (int id = 0; id < pool->nworkers; id++) {
         atomic_store(&pool->ctl->slot[id].quit, 1);
@@ -647,7 +678,7 @@ PP_API int pp_join(pp_pool *pool)
     pool->thread_started = false;
     pp__zygote_send(pool->zsock, PP_Z_QUIT, 0, 0, 0);
     pthread_mutex_unlock(&pool->mu);
-    while (waitpid(pool->zygote, NULL, 0) < 0 && errno == EINTR)
+    while (pool->zygote > 0 && waitpid(pool->zygote, NULL, 0) < 0 && errno == EINTR)
         ;
     pthread_mutex_lock(&pool->mu);
     pool->zygote = 0;
@@ -710,6 +741,8 @@ PP_API void pp_pool_free(pp_pool *pool)
         pp__job_maybe_free(job);
     }
     release_resources(pool);
+    pp__mpi_close(pool->mpi);
+    pool->mpi = NULL;
     pool->freed = true;
     bool last = pool->handles == 0;
     pthread_mutex_unlock(&pool->mu);
@@ -750,6 +783,8 @@ PP_API int pp_pool_stats(pp_pool *pool, pp_stats *out)
     }
     out->queued = queued;
     out->running = running;
+    if (pool->mpi != NULL)
+        pp__mpi_stats(pool, out);
     pthread_mutex_unlock(&pool->mu);
     return 0;
 }

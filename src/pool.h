@@ -17,6 +17,7 @@
 #include <sys/types.h>
 
 struct pp_chunkrec;
+struct pp_mpi;
 
 /* One call: a map, an apply (a map of one), or an iterator's stream. */
 struct pp_job {
@@ -149,6 +150,8 @@ struct pp_pool {
     pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
     pp_stats stats;
+    struct pp_mpi *mpi; /* PP_BACKEND_MPI: the ranks that serve this pool (mpi.c) */
+    int remote_workers; /* their workers, all ranks together */
 };
 
 #define PP_CRASH_LOOP_LIMIT  8          /* deaths in a row with no chunk finished between */
@@ -184,6 +187,19 @@ void pp__release_abandoned(pp_pool *pool, struct pp_dealt *d);
 void pp__fail_piece(struct pp_piece *p, uint32_t already, int code, const char *why);
 void pp__piece_hold(struct pp_piece *p);
 void pp__piece_release(pp_pool *pool, struct pp_piece *p);
+/* For work that runs elsewhere (MPI ranks): take the next piece to run, as
+ * the local dealer does (held; give it back with pp__retry_push_front), and
+ * settle one that came back. */
+bool pp__next_piece(pp_pool *pool, struct pp_piece *p);
+const unsigned char *pp__piece_args(const struct pp_piece *p);
+struct pp_item_fail { /* one failed item of a piece that ran elsewhere */
+    uint32_t item;    /* inside the piece, increasing */
+    int32_t code;     /* 0: it did not run there; run it elsewhere */
+    int32_t status;
+    char text[256];
+};
+void pp__piece_done(pp_pool *pool, struct pp_piece *p, const unsigned char *res,
+                    const struct pp_item_fail *fails, uint32_t nfail);
 
 /* supervise.c: deaths, timeouts and replacements. */
 void pp__zygote_keep_running(pp_pool *pool); /* continue a stopped zygote */
@@ -208,5 +224,17 @@ void pp__handle_gone(pp_pool *pool);  /* mu held: a pp_async/pp_iter was freed *
 bool pp__pool_dead(pp_pool *pool);    /* freed, and no handle left */
 void pp__pool_destroy(pp_pool *pool); /* frees the struct itself */
 size_t pp__default_chunksize(const pp_pool *pool, size_t n);
+
+/* mpi.c: the MPI backend (PP_BACKEND_MPI). Without MPI, pp__mpi_open gives
+ * -ENOTSUP and the rest is never called. */
+int pp__mpi_open(const pp_options *o, struct pp_mpi **out); /* 1: ranks serve; 0: run
+                                                             locally; a serving rank
+                                                             never returns */
+int pp__mpi_start(pp_pool *pool);      /* the ranks' hellos, the communication thread */
+void pp__mpi_kick(pp_pool *pool);      /* mu held: work was queued */
+void pp__mpi_terminate(pp_pool *pool); /* mu held: what runs remotely fails PP_ECLOSED */
+void pp__mpi_stop(pp_pool *pool);      /* mu held (released meanwhile): ranks told to end */
+void pp__mpi_close(struct pp_mpi *m);  /* frees it; finalizes MPI if procpool initialized it */
+void pp__mpi_stats(pp_pool *pool, pp_stats *out); /* mu held: adds the remote part */
 
 #endif

@@ -144,10 +144,15 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
         atomic_store_explicit(&s->item_start, pp__now_ns(), memory_order_release);
     atomic_store_explicit(&s->cur_seq, head, memory_order_relaxed);
     atomic_store_explicit(&s->cur_item, 0, memory_order_relaxed);
-    uint32_t expect = PP_DESC_POSTED;
-    if (!atomic_compare_exchange_strong(&d->state, &expect, PP_DESC_CLAIMED))
-        return false;
+    /* Busy before the claim: a worker stopped or preempted between the two
+     * must still be seen as running, or its task_timeout would never fire.
+     * The parent charges nothing for an entry still POSTED. */
     atomic_store_explicit(&s->busy, 1, memory_order_seq_cst);
+    uint32_t expect = PP_DESC_POSTED;
+    if (!atomic_compare_exchange_strong(&d->state, &expect, PP_DESC_CLAIMED)) {
+        atomic_store_explicit(&s->busy, 0, memory_order_release);
+        return false;
+    }
     if (d->result_size) /* every result starts as zero bytes; one memset per chunk */
         memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
     for (uint32_t i = 0; i < d->count; i++)

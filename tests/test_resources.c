@@ -120,6 +120,10 @@ static void one_pool(int round)
 
 Test(resources, thousand_pools_leave_nothing_behind, .timeout = 300)
 {
+    /* glibc makes a new malloc arena (two mappings, never unmapped; at most
+     * 8 per core) whenever two threads meet in malloc: here the caller and
+     * a pool's library thread. Bounded, and not ours: one arena for all. */
+    mallopt(M_ARENA_MAX, 1);
     void *arena = pp_shm_alloc(64); /* the arena is the process's, made once */
     cr_assert_not_null(arena);
     for (int round = 0; round < 20; round++) /* warm up: stdio, the allocator, caches */
