@@ -338,7 +338,7 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
 
     struct pp_desc *desc = &s->in[i];
     desc->count = p->count;
-    desc->fn = (uint64_t)(uintptr_t)job->fn;
+    desc->fn = job->fncode;
     desc->args = (uint64_t)(uintptr_t)args;
     desc->results = (uint64_t)(uintptr_t)d->res_addr;
     desc->arg_size = job->arg_size;
@@ -548,7 +548,7 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
             pp__release_abandoned(pool, d);
     } else if (m->kind == PP_MSG_DONE) {
         settle_done(pool, w, d);
-    } else if (m->kind == PP_MSG_FAIL && m->item < d->piece.count &&
+    } else if ((m->kind == PP_MSG_FAIL || m->kind == PP_MSG_NOTFOUND) && m->item < d->piece.count &&
                (d->nfail == 0 || m->item > d->last_fail)) {
         char text[PP_MSG_TEXT];
         memcpy(text, m->text, sizeof text);
@@ -558,8 +558,8 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
         /* A failed item's slot is left as it was: copy what precedes it. */
         pp__copy_out(d, d->copied, m->item, d->res_addr);
         d->copied = m->item + 1;
-        pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + m->item, PP_ETASK, m->status,
-                         text);
+        pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + m->item,
+                         m->kind == PP_MSG_FAIL ? PP_ETASK : PP_ENOTFOUND, m->status, text);
     }
 }
 

@@ -22,7 +22,8 @@ struct pp_chunkrec;
 struct pp_job {
     pp_pool *pool;
     pp_fn *fn;
-    size_t n; /* items; grows for a source-fed iterator */
+    uint64_t fncode; /* what descriptors carry: fn, or its PP_FN_CODE (spawn) */
+    size_t n;        /* items; grows for a source-fed iterator */
     size_t arg_size, result_size, chunksize;
     const unsigned char *args;        /* item i at args + i * arg_size (map jobs) */
     unsigned char *results;           /* item i at results + i * result_size (map jobs) */
@@ -126,6 +127,9 @@ struct pp_pool {
     unsigned char guard[PP_GUARD]; /* written after each chunk's results in payload */
     int64_t busy_poll_ns;          /* how long a poller sleeps now while workers hold work */
     int cancels;                   /* workers in a cancel grace period */
+    bool spawned;                  /* PP_START_SPAWN: descriptors carry PP_FN_CODEs */
+    pp_fn *last_fn;                /* spawn: the last function encoded, */
+    uint64_t last_code;            /* and its code */
 
     struct pp_job *qhead, *qtail; /* jobs with undealt items, oldest first */
     struct pp_retry retry;
@@ -199,6 +203,7 @@ void pp__job_unref(struct pp_job *job);                     /* mu held: drops on
 void pp__job_maybe_free(struct pp_job *job);                /* mu held: frees it if unreferenced */
 int pp__check_submit(pp_pool *pool);                        /* 0, PP_ECLOSED or PP_ESPAWN */
 int pp__submit(pp_pool *pool, struct pp_job *job);          /* mu held: queue it, deal */
+int pp__submit_errno(int rc);         /* errno for a constructor whose submission failed with rc */
 void pp__handle_gone(pp_pool *pool);  /* mu held: a pp_async/pp_iter was freed */
 bool pp__pool_dead(pp_pool *pool);    /* freed, and no handle left */
 void pp__pool_destroy(pp_pool *pool); /* frees the struct itself */

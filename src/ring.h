@@ -22,6 +22,7 @@
 
 #include "util.h"
 
+#include <limits.h>
 #include <stdalign.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -34,6 +35,8 @@
 #define PP_MSG_TEXT  256
 #define PP_CTL_MAGIC 0x70706f6fu
 
+#define PP_MAX_OBJECTS 64 /* loaded objects a spawn pool's functions may come from */
+
 enum pp_desc_state {
     PP_DESC_FREE = 0,
     PP_DESC_POSTED = 1,    /* waiting for the worker */
@@ -45,7 +48,8 @@ enum pp_desc_state {
 struct pp_desc {
     _Atomic uint32_t state;
     uint32_t count;   /* items in the chunk */
-    uint64_t fn;      /* pp_fn address (same in every forked process) */
+    uint64_t fn;      /* fork: the pp_fn address (same in every forked process);
+                         spawn: PP_FN_CODE(object index, offset), see spawn.h */
     uint64_t args;    /* address of the first argument */
     uint64_t results; /* address of the first result */
     uint64_t arg_size;
@@ -53,8 +57,9 @@ struct pp_desc {
 };
 
 enum pp_msg_kind {
-    PP_MSG_DONE = 1, /* the whole chunk at inbox position `seq` has run */
-    PP_MSG_FAIL = 2, /* item `item` of that chunk returned non-zero `status` */
+    PP_MSG_DONE = 1,     /* the whole chunk at inbox position `seq` has run */
+    PP_MSG_FAIL = 2,     /* item `item` of that chunk returned non-zero `status` */
+    PP_MSG_NOTFOUND = 3, /* item `item`: its function names nothing here (spawn) */
 };
 
 struct pp_msg {
@@ -100,6 +105,11 @@ struct pp_ctl {
     int wake_fd; /* eventfd the parent sleeps on */
     int timing;  /* workers stamp item_start */
     alignas(PP_CACHELINE) _Atomic uint32_t parent_sleeping;
+    /* Spawn: the loaded objects functions are named by (PP_FN_CODE). Only the
+     * parent appends, under its lock; an entry is written before nobjects
+     * grows past it. */
+    _Atomic uint32_t nobjects;
+    char objects[PP_MAX_OBJECTS][PATH_MAX];
     alignas(PP_CACHELINE) struct pp_slot slot[];
 };
 

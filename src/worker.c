@@ -11,6 +11,8 @@
  */
 #include "worker.h"
 
+#include "spawn.h"
+
 #include "procpool.h"
 
 #include <sched.h>
@@ -110,9 +112,8 @@ static void post(struct pp_ctl *ctl, struct pp_slot *s, uint32_t kind, uint32_t 
 }
 
 static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const struct pp_desc *d,
-                     uint32_t seq, uint32_t i)
+                     pp_fn *fn, uint32_t seq, uint32_t i)
 {
-    pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
     const unsigned char *arg = (const unsigned char *)(uintptr_t)d->args + i * d->arg_size;
     unsigned char *res = (unsigned char *)(uintptr_t)d->results + i * d->result_size;
 
@@ -150,8 +151,18 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
     atomic_store_explicit(&s->busy, 1, memory_order_seq_cst);
     if (d->result_size) /* every result starts as zero bytes; one memset per chunk */
         memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
-    for (uint32_t i = 0; i < d->count; i++)
-        run_item(cfg, s, d, head, i);
+    pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
+    if (cfg->spawned && (fn = pp__spawn_resolve(cfg->ctl, d->fn)) == NULL) {
+        /* Nothing to run: every item fails, and the worker goes on. */
+        for (uint32_t i = 0; i < d->count; i++) {
+            atomic_store_explicit(&s->cur_item, i, memory_order_release);
+            post(cfg->ctl, s, PP_MSG_NOTFOUND, head, i, 0,
+                 "the task's function cannot be found in the spawned worker");
+        }
+    } else {
+        for (uint32_t i = 0; i < d->count; i++)
+            run_item(cfg, s, d, fn, head, i);
+    }
     post(cfg->ctl, s, PP_MSG_DONE, head, d->count, 0, NULL);
     atomic_store_explicit(&s->busy, 0, memory_order_release);
     atomic_store_explicit(&s->stop, 0, memory_order_relaxed);

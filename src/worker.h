@@ -7,6 +7,7 @@
 
 #include "ring.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 
 struct pp_worker_cfg {
@@ -16,6 +17,7 @@ struct pp_worker_cfg {
     unsigned long max_tasks; /* chunks before the worker retires; 0: none */
     size_t max_memory;       /* resident bytes past which it retires; 0: none */
     int64_t soft_timeout_ns; /* pp_task_should_stop() after this; 0: none */
+    bool spawned;            /* descriptors name functions by PP_FN_CODE (spawn.h) */
 };
 
 /* Runs worker `id` of `cfg` until it is told to quit or retires. Never

@@ -176,6 +176,18 @@ static _Noreturn void zygote_main(const struct pp_worker_cfg *cfg, struct child 
     }
 }
 
+_Noreturn void pp__zygote_serve(const struct pp_worker_cfg *cfg, int nworkers, int sock,
+                                pid_t parent)
+{
+    struct child *kids = calloc((size_t)nworkers, sizeof *kids);
+    struct pollfd *fds = calloc((size_t)nworkers + 1, sizeof *fds);
+    if (kids == NULL || fds == NULL)
+        _exit(127);
+    signal(SIGINT, SIG_IGN);
+    signal(SIGCHLD, SIG_DFL);
+    zygote_main(cfg, kids, fds, nworkers, sock, parent);
+}
+
 int pp__zygote_start(const struct pp_worker_cfg *cfg, int nworkers, pid_t *pid, int *sock)
 {
     int sv[2];

@@ -1,0 +1,354 @@
+/*
+ * spawn: the `spawn` start method (see spawn.h).
+ *
+ * DESIGN: the parent executes its own binary (/proc/self/exe) once per
+ * pool, with PROCPOOL_SPAWN_FD naming an inherited socket. A constructor of
+ * the library notices the variable in the new process, before main, and
+ * takes over that process for good: it removes the variable, reads the
+ * pool's configuration from the socket, maps the control block and the
+ * arena from their inherited memfds at the very addresses the parent has
+ * them (MAP_FIXED_NOREPLACE: a collision with what this process already
+ * mapped is reported, and the parent tries a new process, which is laid
+ * out anew), and becomes the pool's zygote. Workers are forks of that
+ * fresh process, never of the parent: no copy of the parent's memory or
+ * threads reaches them, as with Python's spawn and forkserver.
+ *
+ * Functions cannot cross as addresses, as the new process is laid out
+ * differently (ASLR). A descriptor's fn carries PP_FN_CODE(object, offset):
+ * the object is an index into a table of object names in the control
+ * block, which the parent appends to under its lock; a worker resolves a
+ * code once (dlopen-ing the object if the parent had loaded it later) and
+ * caches the address.
+ */
+#include "spawn.h"
+
+#include "fnref.h"
+#include "shm.h"
+#include "zygote.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define SPAWN_ENV       "PROCPOOL_SPAWN_FD"
+#define SPAWN_MAGIC     0x7070737077u
+#define SPAWN_TRIES     4     /* new processes tried when the shared memory collides */
+#define SPAWN_WAIT_MS   60000 /* for the new process to answer */
+#define RESOLVE_CACHE   64    /* worker: codes remembered, direct-mapped */
+#define INITARG_RAW     0     /* the pointer crosses as it is (NULL, the arena) */
+#define INITARG_IN_OBJ  1     /* it points into a loaded object: initarg_ref */
+#define SPAWN_FAIL_EXIT 126
+
+extern char **environ;
+
+/* The configuration the parent sends the new process. */
+struct spawn_msg {
+    uint64_t magic;
+    int32_t nworkers, ctl_fd, wake_fd, arena_fd, parent, has_init, initarg_kind, pad;
+    uint64_t ctl_addr, map_bytes, arena_addr, arena_size;
+    uint64_t max_tasks, max_memory, initarg;
+    int64_t soft_timeout_ns;
+    struct pp_fnref init, initarg_ref;
+};
+
+/* ---- parent --------------------------------------------------------------- */
+
+int pp__spawn_encode(struct pp_ctl *ctl, pp_fn *fn, uint64_t *code)
+{
+    struct pp_fnref ref;
+    int rc = pp__fnref_encode((const void *)(uintptr_t)fn, &ref);
+    if (rc < 0)
+        return rc;
+    if (ref.offset > PP_FN_OFFSET_MASK)
+        return PP_ENOTFOUND;
+    uint32_t n = atomic_load_explicit(&ctl->nobjects, memory_order_relaxed);
+    uint32_t i = 0;
+    while (i < n && strcmp(ctl->objects[i], ref.object) != 0)
+        i++;
+    if (i == n) {
+        if (n == PP_MAX_OBJECTS)
+            return -ENOSPC;
+        strcpy(ctl->objects[n], ref.object); /* both are PATH_MAX long */
+        atomic_store_explicit(&ctl->nobjects, n + 1, memory_order_release);
+    }
+    *code = PP_FN_CODE(i, ref.offset);
+    return 0;
+}
+
+/* Fills in how initarg crosses. 0, or -EINVAL when it cannot. */
+static int encode_initarg(void *initarg, struct spawn_msg *m)
+{
+    m->initarg_kind = INITARG_RAW;
+    m->initarg = (uint64_t)(uintptr_t)initarg;
+    if (initarg == NULL || pp__shm_contains(initarg, 1))
+        return 0;
+    if (pp__fnref_encode(initarg, &m->initarg_ref) < 0)
+        return -EINVAL; /* the heap, a stack, a private mapping: not in the new process */
+    m->initarg_kind = INITARG_IN_OBJ;
+    return 0;
+}
+
+/* A fresh environment: ours, with SPAWN_ENV naming `fd`. NULL if out of memory. */
+static char **spawn_environment(int fd, char *var, size_t varlen)
+{
+    size_t n = 0;
+    for (char **e = environ; e && *e; e++)
+        n++;
+    char **env = malloc((n + 2) * sizeof *env);
+    if (env == NULL)
+        return NULL;
+    size_t k = 0;
+    for (char **e = environ; e && *e; e++)
+        if (strncmp(*e, SPAWN_ENV "=", sizeof SPAWN_ENV) != 0)
+            env[k++] = *e;
+    snprintf(var, varlen, SPAWN_ENV "=%d", fd);
+    env[k++] = var;
+    env[k] = NULL;
+    return env;
+}
+
+/* Waits for the new process's first word. 0, or a negative code. */
+static int await_started(int sock)
+{
+    struct pollfd p = {.fd = sock, .events = POLLIN};
+    int64_t deadline = pp__now_ns() + (int64_t)SPAWN_WAIT_MS * 1000000;
+    for (;;) {
+        int rc = poll(&p, 1, pp__ms_left(deadline));
+        if (rc < 0 && errno == EINTR)
+            continue;
+        if (rc <= 0)
+            return PP_ESPAWN; /* no answer in time */
+        struct pp_zmsg z;
+        ssize_t got = recv(sock, &z, sizeof z, 0);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got != (ssize_t)sizeof z || z.op != PP_Z_STARTED)
+            return PP_ESPAWN; /* it died, or is not ours */
+        return z.status;
+    }
+}
+
+/* One try: a new process, set up or not. */
+static int spawn_once(const struct spawn_msg *m, pid_t *pid, int *sock)
+{
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        return -errno;
+    char var[64];
+    char **env = spawn_environment(sv[1], var, sizeof var);
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t at;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawnattr_init(&at);
+    /* dup2 onto itself clears close-on-exec in the new process only. */
+    posix_spawn_file_actions_adddup2(&fa, sv[1], sv[1]);
+    posix_spawn_file_actions_adddup2(&fa, m->ctl_fd, m->ctl_fd);
+    posix_spawn_file_actions_adddup2(&fa, m->wake_fd, m->wake_fd);
+    posix_spawn_file_actions_adddup2(&fa, m->arena_fd, m->arena_fd);
+    /* Its own process group, out of the terminal's foreground: Ctrl-C is
+     * the parent's to handle; and the default for SIGCHLD, as it reaps. */
+    sigset_t def;
+    sigemptyset(&def);
+    sigaddset(&def, SIGCHLD);
+    posix_spawnattr_setsigdefault(&at, &def);
+    posix_spawnattr_setpgroup(&at, 0);
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF);
+    char *argv[] = {program_invocation_name, NULL};
+    int rc = env ? posix_spawn(pid, "/proc/self/exe", &fa, &at, argv, env) : ENOMEM;
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
+    free(env);
+    close(sv[1]);
+    if (rc != 0) {
+        close(sv[0]);
+        return -rc;
+    }
+    while (send(sv[0], m, sizeof *m, MSG_NOSIGNAL) < 0 && errno == EINTR)
+        ;
+    rc = await_started(sv[0]);
+    if (rc < 0) {
+        kill(*pid, SIGKILL);
+        while (waitpid(*pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+        close(sv[0]);
+        return rc;
+    }
+    fcntl(sv[0], F_SETFL, O_NONBLOCK);
+    *sock = sv[0];
+    return 0;
+}
+
+int pp__spawn_start(const struct pp_worker_cfg *cfg, int nworkers, int ctl_fd, size_t map_bytes,
+                    int wake_fd, pid_t *pid, int *sock)
+{
+    struct spawn_msg *m = calloc(1, sizeof *m);
+    if (m == NULL)
+        return -ENOMEM;
+    void *arena;
+    *m = (struct spawn_msg){
+        .magic = SPAWN_MAGIC,
+        .nworkers = nworkers,
+        .ctl_fd = ctl_fd,
+        .wake_fd = wake_fd,
+        .arena_fd = pp__shm_fd(),
+        .parent = getpid(),
+        .ctl_addr = (uint64_t)(uintptr_t)cfg->ctl,
+        .map_bytes = map_bytes,
+        .arena_size = pp__shm_region(&arena),
+        .max_tasks = cfg->max_tasks,
+        .max_memory = cfg->max_memory,
+        .soft_timeout_ns = cfg->soft_timeout_ns,
+    };
+    m->arena_addr = (uint64_t)(uintptr_t)arena;
+    int rc = m->arena_fd < 0 ? -EINVAL : 0;
+    if (rc == 0 && cfg->initializer != NULL) {
+        m->has_init = 1;
+        rc = pp__fnref_encode((const void *)(uintptr_t)cfg->initializer, &m->init);
+    }
+    if (rc == 0)
+        rc = encode_initarg(cfg->initarg, m);
+    /* A collision of the shared memory with what the new process mapped
+     * before us: another process gets another layout. */
+    for (int i = 0; rc == 0 || rc == -EEXIST; i++) {
+        if (i == SPAWN_TRIES) {
+            rc = PP_ESPAWN;
+            break;
+        }
+        rc = spawn_once(m, pid, sock);
+        if (rc == 0)
+            break;
+    }
+    free(m);
+    return rc;
+}
+
+/* ---- worker ---------------------------------------------------------------- */
+
+static struct {
+    uint64_t code;
+    pp_fn *fn;
+} resolved[RESOLVE_CACHE];
+
+pp_fn *pp__spawn_resolve(struct pp_ctl *ctl, uint64_t code)
+{
+    unsigned h = (unsigned)((code ^ (code >> 29)) % RESOLVE_CACHE);
+    if (resolved[h].code == code && code != 0)
+        return resolved[h].fn;
+    uint64_t index = (code >> PP_FN_OFFSET_BITS) - 1;
+    if ((code >> PP_FN_OFFSET_BITS) == 0 ||
+        index >= atomic_load_explicit(&ctl->nobjects, memory_order_acquire))
+        return NULL;
+    static struct pp_fnref ref; /* one thread; too big for a worker's stack to waste */
+    memcpy(ref.object, ctl->objects[index], sizeof ref.object);
+    ref.object[sizeof ref.object - 1] = '\0';
+    ref.offset = code & PP_FN_OFFSET_MASK;
+    pp_fn *fn = (pp_fn *)(uintptr_t)pp__fnref_resolve(&ref);
+    if (fn != NULL)
+        resolved[h].code = code, resolved[h].fn = fn;
+    return fn;
+}
+
+/* ---- the new process --------------------------------------------------------- */
+
+static struct pp_worker_cfg spawned_cfg;
+
+static _Noreturn void fail(int sock, int code)
+{
+    struct pp_zmsg z = {.op = PP_Z_STARTED, .status = code};
+    while (send(sock, &z, sizeof z, MSG_NOSIGNAL) < 0 && errno == EINTR)
+        ;
+    _exit(SPAWN_FAIL_EXIT);
+}
+
+static int map_ctl(const struct spawn_msg *m)
+{
+    void *want = (void *)(uintptr_t)m->ctl_addr;
+    void *p = mmap(want, m->map_bytes, PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_NORESERVE | MAP_FIXED_NOREPLACE, m->ctl_fd, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    if (p != want) {
+        munmap(p, m->map_bytes);
+        return -EEXIST;
+    }
+    if (((struct pp_ctl *)p)->magic != PP_CTL_MAGIC ||
+        ((struct pp_ctl *)p)->nworkers != (uint32_t)m->nworkers)
+        return -EINVAL;
+    return 0;
+}
+
+/* Sets up this process from the parent's message, or fails it. */
+static _Noreturn void become_zygote(int sock)
+{
+    static struct spawn_msg m; /* big: not on the stack */
+    struct pollfd p = {.fd = sock, .events = POLLIN};
+    int rc;
+    do
+        rc = poll(&p, 1, SPAWN_WAIT_MS);
+    while (rc < 0 && errno == EINTR);
+    ssize_t got = rc > 0 ? recv(sock, &m, sizeof m, 0) : -1;
+    if (got != (ssize_t)sizeof m || m.magic != SPAWN_MAGIC || m.nworkers <= 0)
+        fail(sock, PP_ESPAWN);
+    /* Nothing of ours goes further than this process's own children. */
+    fcntl(m.ctl_fd, F_SETFD, FD_CLOEXEC);
+    fcntl(m.wake_fd, F_SETFD, FD_CLOEXEC);
+    fcntl(m.arena_fd, F_SETFD, FD_CLOEXEC);
+    if ((rc = map_ctl(&m)) < 0)
+        fail(sock, rc);
+    close(m.ctl_fd);
+    rc = pp__shm_adopt(m.arena_fd, (void *)(uintptr_t)m.arena_addr, (size_t)m.arena_size);
+    if (rc < 0)
+        fail(sock, rc);
+    spawned_cfg = (struct pp_worker_cfg){
+        .ctl = (struct pp_ctl *)(uintptr_t)m.ctl_addr,
+        .initarg = (void *)(uintptr_t)m.initarg,
+        .max_tasks = m.max_tasks,
+        .max_memory = m.max_memory,
+        .soft_timeout_ns = m.soft_timeout_ns,
+        .spawned = true,
+    };
+    if (m.has_init) {
+        m.init.object[sizeof m.init.object - 1] = '\0';
+        spawned_cfg.initializer = (int (*)(void *))(uintptr_t)pp__fnref_resolve(&m.init);
+        if (spawned_cfg.initializer == NULL)
+            fail(sock, PP_ENOTFOUND);
+    }
+    if (m.initarg_kind == INITARG_IN_OBJ) {
+        m.initarg_ref.object[sizeof m.initarg_ref.object - 1] = '\0';
+        spawned_cfg.initarg = pp__fnref_resolve(&m.initarg_ref);
+        if (spawned_cfg.initarg == NULL)
+            fail(sock, PP_ENOTFOUND);
+    }
+    struct pp_zmsg z = {.op = PP_Z_STARTED, .status = 0};
+    while (send(sock, &z, sizeof z, MSG_NOSIGNAL) < 0 && errno == EINTR)
+        ;
+    pp__zygote_serve(&spawned_cfg, m.nworkers, sock, (pid_t)m.parent);
+}
+
+/* Runs in every process that loads the library, before main. Does nothing
+ * unless this process was started by pp__spawn_start. */
+__attribute__((constructor)) static void spawn_entry(void)
+{
+    const char *v = getenv(SPAWN_ENV);
+    if (v == NULL)
+        return;
+    char *end;
+    long fd = strtol(v, &end, 10);
+    unsetenv(SPAWN_ENV); /* not for the workers' own children */
+    struct stat st;
+    if (*end != '\0' || fd < 0 || fd > INT32_MAX || fstat((int)fd, &st) != 0 ||
+        !S_ISSOCK(st.st_mode))
+        return; /* not ours after all: the program runs as usual */
+    fcntl((int)fd, F_SETFD, FD_CLOEXEC);
+    become_zygote((int)fd);
+}
