@@ -23,6 +23,10 @@ struct shared_flags {
     _Atomic int pids[64];
 };
 struct shared_flags *shared_flags_new(void);
+/* Where a test keeps its flags: `#define flags (*shared_flags_slot())`. In a
+ * worker of a spawn pool (a fresh process, where the test's globals hold
+ * their initial values) it finds the flags its parent made. */
+struct shared_flags **shared_flags_slot(void);
 void shared_flags_free(struct shared_flags *f);
 void wait_flag(_Atomic int *flag, int value); /* until *flag >= value */
 

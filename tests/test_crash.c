@@ -9,7 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 enum { KIND_OK, KIND_KILL, KIND_SEGV, KIND_ABORT, KIND_EXIT, KIND_HANG, KIND_WAIT };
 

@@ -15,7 +15,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 static void setup(void)
 {
