@@ -308,3 +308,44 @@ double slow_factor(void)
 {
     return getenv("PP_VALGRIND") ? 20.0 : 1.0;
 }
+
+/* ---- Pointers a test's tasks read, under spawn too. ---- */
+
+#define TEST_GLOBALS 8
+
+static struct {
+    char name[24];
+    void *p;
+} globals[TEST_GLOBALS];
+
+void **test_global(const char *name)
+{
+    int i = 0;
+    while (i < TEST_GLOBALS && globals[i].name[0] && strcmp(globals[i].name, name) != 0)
+        i++;
+    if (i == TEST_GLOBALS)
+        abort();
+    if (!globals[i].name[0])
+        snprintf(globals[i].name, sizeof globals[i].name, "%s", name);
+    if (globals[i].p == NULL) { /* a spawned worker: what its parent shared */
+        char var[48];
+        snprintf(var, sizeof var, "PP_TEST_GLOBAL_%s", name);
+        const char *v = getenv(var);
+        if (v != NULL)
+            globals[i].p = (void *)(uintptr_t)strtoull(v, NULL, 16);
+    }
+    return &globals[i].p;
+}
+
+void *test_share(const char *name, void *p)
+{
+    char var[48], v[32];
+    snprintf(var, sizeof var, "PP_TEST_GLOBAL_%s", name);
+    snprintf(v, sizeof v, "%p", p);
+    if (p != NULL)
+        setenv(var, v, 1);
+    else
+        unsetenv(var);
+    *test_global(name) = p;
+    return p;
+}
