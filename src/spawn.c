@@ -26,8 +26,10 @@
 #include "shm.h"
 #include "zygote.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <link.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -262,6 +264,8 @@ pp_fn *pp__spawn_resolve(struct pp_ctl *ctl, uint64_t code)
 
 static struct pp_worker_cfg spawned_cfg;
 
+static void spawn_entry(int argc, char **argv, char **envp);
+
 static _Noreturn void fail(int sock, int code)
 {
     struct pp_zmsg z = {.op = PP_Z_STARTED, .status = code};
@@ -287,8 +291,44 @@ static int map_ctl(const struct spawn_msg *m)
     return 0;
 }
 
+typedef void init_fn(int, char **, char **);
+
+/* The library takes over before the program's own constructors ran (the
+ * program's objects are initialized after the libraries they need; with
+ * the static library, ours sits among them). Python's spawn runs the main
+ * module's top level in its workers; the C counterpart is to run those
+ * constructors here: the program's DT_INIT and DT_INIT_ARRAY, or, when our
+ * constructor is one of them, the ones after it. */
+static void run_program_constructors(int argc, char **argv, char **envp)
+{
+    struct link_map *map = NULL;
+    void *self = dlopen(NULL, RTLD_NOW | RTLD_NOLOAD);
+    if (self == NULL || dlinfo(self, RTLD_DI_LINKMAP, &map) != 0 || map == NULL)
+        return;
+    uintptr_t init = 0, array = 0;
+    size_t bytes = 0;
+    for (const ElfW(Dyn) *d = map->l_ld; d->d_tag != DT_NULL; d++) {
+        if (d->d_tag == DT_INIT)
+            init = map->l_addr + d->d_un.d_ptr;
+        else if (d->d_tag == DT_INIT_ARRAY)
+            array = map->l_addr + d->d_un.d_ptr;
+        else if (d->d_tag == DT_INIT_ARRAYSZ)
+            bytes = d->d_un.d_val;
+    }
+    init_fn **fns = (init_fn **)array;
+    size_t n = array ? bytes / sizeof *fns : 0, first = 0;
+    for (size_t i = 0; i < n; i++)
+        if (fns[i] == (init_fn *)spawn_entry)
+            first = i + 1; /* linked in statically: what precedes us has run, _init too */
+    if (first == 0 && init != 0)
+        ((init_fn *)init)(argc, argv, envp);
+    for (size_t i = first; i < n; i++)
+        if (fns[i] != NULL && (uintptr_t)fns[i] != (uintptr_t)-1)
+            fns[i](argc, argv, envp);
+}
+
 /* Sets up this process from the parent's message, or fails it. */
-static _Noreturn void become_zygote(int sock)
+static _Noreturn void become_zygote(int sock, int argc, char **argv, char **envp)
 {
     static struct spawn_msg m; /* big: not on the stack */
     struct pollfd p = {.fd = sock, .events = POLLIN};
@@ -309,6 +349,8 @@ static _Noreturn void become_zygote(int sock)
     rc = pp__shm_adopt(m.arena_fd, (void *)(uintptr_t)m.arena_addr, (size_t)m.arena_size);
     if (rc < 0)
         fail(sock, rc);
+    /* Our memory is in place: whatever they map cannot take its place. */
+    run_program_constructors(argc, argv, envp);
     spawned_cfg = (struct pp_worker_cfg){
         .ctl = (struct pp_ctl *)(uintptr_t)m.ctl_addr,
         .initarg = (void *)(uintptr_t)m.initarg,
@@ -337,7 +379,7 @@ static _Noreturn void become_zygote(int sock)
 
 /* Runs in every process that loads the library, before main. Does nothing
  * unless this process was started by pp__spawn_start. */
-__attribute__((constructor)) static void spawn_entry(void)
+__attribute__((constructor)) static void spawn_entry(int argc, char **argv, char **envp)
 {
     const char *v = getenv(SPAWN_ENV);
     if (v == NULL)
@@ -350,5 +392,5 @@ __attribute__((constructor)) static void spawn_entry(void)
         !S_ISSOCK(st.st_mode))
         return; /* not ours after all: the program runs as usual */
     fcntl((int)fd, F_SETFD, FD_CLOEXEC);
-    become_zygote((int)fd);
+    become_zygote((int)fd, argc, argv, envp);
 }

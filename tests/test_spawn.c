@@ -43,13 +43,20 @@ static int static_negate(const void *arg, void *result)
     return 0;
 }
 
-static int marker = 1; /* the parent sets 2 before its pools: a fresh process has 1 */
+static int marker = 1;  /* the parent sets 2 before its pools: a fresh process has 1 */
+static int constructed; /* how often the constructor below ran in this process */
+
+__attribute__((constructor)) static void construct(void)
+{
+    constructed++;
+}
 
 struct seen {
-    uint64_t fn;   /* where this process has static_negate */
-    int marker;    /* its `marker` */
-    int ppid, pid; /* the worker and its parent (the zygote) */
-    char exe[256]; /* its /proc/self/exe */
+    uint64_t fn;     /* where this process has static_negate */
+    int marker;      /* its `marker` */
+    int constructed; /* its `constructed` */
+    int ppid, pid;   /* the worker and its parent (the zygote) */
+    char exe[256];   /* its /proc/self/exe */
 };
 
 static int what_i_see(const void *arg, void *result)
@@ -58,6 +65,7 @@ static int what_i_see(const void *arg, void *result)
     struct seen *s = result;
     s->fn = (uint64_t)(uintptr_t)&static_negate;
     s->marker = marker;
+    s->constructed = constructed;
     s->pid = getpid();
     s->ppid = getppid();
     ssize_t n = readlink("/proc/self/exe", s->exe, sizeof s->exe - 1);
@@ -96,6 +104,7 @@ Test(spawn, workers_are_a_fresh_process_laid_out_anew, .timeout = 60)
     struct seen s;
     cr_assert_eq(pp_apply(pool, what_i_see, NULL, 0, &s, sizeof s, NULL), 0);
     cr_assert_eq(s.marker, 1, "no copy of the parent's memory reaches a spawned worker");
+    cr_assert_eq(s.constructed, 1, "the program's constructors ran in it, once");
     cr_assert_neq(s.ppid, getpid(), "workers are not the parent's forks");
     char exe[256];
     ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
