@@ -96,7 +96,13 @@ typedef struct pp_options {            /* zero = default, so (pp_options){.worke
  * opts may be NULL (all defaults). Returns NULL with errno set on failure:
  * EINVAL (bad options), ENOMEM, ECHILD (the initializer failed in a worker,
  * or a worker died while starting), or the errno of a failed system call.
- * Call from the parent process, any thread. */
+ * Call from the parent process, any thread.
+ * start = PP_START_SPAWN: the workers come from a fresh run of this program
+ * (the library takes it over before main), not from a copy of the caller;
+ * functions cross as (loaded object, offset), and one in no object is
+ * PP_ENOTFOUND at submission (EFAULT from the calls that return NULL);
+ * initarg must be NULL, in the arena, or in a loaded object's static data
+ * (else EINVAL). start = 0 reads PROCPOOL_START ("fork" | "spawn"). */
 PP_API pp_pool *pp_pool_new(const pp_options *opts);
 /* No more submissions; queued work still runs. Idempotent. */
 PP_API int pp_close(pp_pool *pool);
