@@ -393,21 +393,30 @@ size_t pp__shm_region(void **base)
     return *base ? g_size : 0;
 }
 
+int pp__map_at(void *addr, size_t size, int fd)
+{
+    int flags = MAP_SHARED | MAP_NORESERVE;
+    void *m = mmap(addr, size, PROT_READ | PROT_WRITE, flags | MAP_FIXED_NOREPLACE, fd, 0);
+    if (m == MAP_FAILED && errno != EEXIST) /* a system that refuses the flag: a hint */
+        m = mmap(addr, size, PROT_READ | PROT_WRITE, flags, fd, 0);
+    if (m == MAP_FAILED)
+        return -errno;
+    if (m != addr) { /* the hint was not taken: something is there */
+        munmap(m, size);
+        return -EEXIST;
+    }
+    return 0;
+}
+
 int pp__shm_adopt(int fd, void *addr, size_t size)
 {
     int rc = 0;
     pthread_mutex_lock(&g_init);
     if (atomic_load_explicit(&g_base, memory_order_acquire)) {
         rc = -EBUSY;
-    } else {
-        void *m = mmap(addr, size, PROT_READ | PROT_WRITE,
-                       MAP_SHARED | MAP_NORESERVE | MAP_FIXED_NOREPLACE, fd, 0);
-        if (m == MAP_FAILED) {
-            rc = -errno;
-        } else if (m != addr) { /* a kernel that does not know the flag took it as a hint */
-            munmap(m, size);
-            rc = -EEXIST;
-        } else if (((struct arena *)m)->magic != ARENA_MAGIC || ((struct arena *)m)->size != size) {
+    } else if ((rc = pp__map_at(addr, size, fd)) == 0) {
+        void *m = addr;
+        if (((struct arena *)m)->magic != ARENA_MAGIC || ((struct arena *)m)->size != size) {
             munmap(m, size);
             rc = -EINVAL;
         } else {

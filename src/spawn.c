@@ -7,7 +7,7 @@
  * takes over that process for good: it removes the variable, reads the
  * pool's configuration from the socket, maps the control block and the
  * arena from their inherited memfds at the very addresses the parent has
- * them (MAP_FIXED_NOREPLACE: a collision with what this process already
+ * them (MAP_FIXED_NOREPLACE, pp__map_at: a collision with what this process already
  * mapped is reported, and the parent tries a new process, which is laid
  * out anew), and becomes the pool's zygote. Workers are forks of that
  * fresh process, never of the parent: no copy of the parent's memory or
@@ -119,6 +119,22 @@ static char **spawn_environment(int fd, char *var, size_t varlen)
     return env;
 }
 
+/* The program to execute: /proc/self/exe's target when it is the very file
+ * this process runs (under valgrind, /proc/self/exe itself names the tool,
+ * while readlink and open of it name the program), else /proc/self/exe
+ * (the file was replaced or deleted since: only the link still names it). */
+static const char *program_path(char *buf, size_t len)
+{
+    ssize_t n = readlink("/proc/self/exe", buf, len - 1);
+    int fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+    struct stat a, b;
+    bool same = n > 0 && fd >= 0 && fstat(fd, &a) == 0 && (buf[n] = '\0', stat(buf, &b) == 0) &&
+                a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+    if (fd >= 0)
+        close(fd);
+    return same ? buf : "/proc/self/exe";
+}
+
 /* Waits for the new process's first word. 0, or a negative code. */
 static int await_started(int sock)
 {
@@ -166,7 +182,8 @@ static int spawn_once(const struct spawn_msg *m, pid_t *pid, int *sock)
     posix_spawnattr_setpgroup(&at, 0);
     posix_spawnattr_setflags(&at, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF);
     char *argv[] = {program_invocation_name, NULL};
-    int rc = env ? posix_spawn(pid, "/proc/self/exe", &fa, &at, argv, env) : ENOMEM;
+    char path[PATH_MAX];
+    int rc = env ? posix_spawn(pid, program_path(path, sizeof path), &fa, &at, argv, env) : ENOMEM;
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&at);
     free(env);
@@ -276,15 +293,10 @@ static _Noreturn void fail(int sock, int code)
 
 static int map_ctl(const struct spawn_msg *m)
 {
-    void *want = (void *)(uintptr_t)m->ctl_addr;
-    void *p = mmap(want, m->map_bytes, PROT_READ | PROT_WRITE,
-                   MAP_SHARED | MAP_NORESERVE | MAP_FIXED_NOREPLACE, m->ctl_fd, 0);
-    if (p == MAP_FAILED)
-        return -errno;
-    if (p != want) {
-        munmap(p, m->map_bytes);
-        return -EEXIST;
-    }
+    void *p = (void *)(uintptr_t)m->ctl_addr;
+    int rc = pp__map_at(p, (size_t)m->map_bytes, m->ctl_fd);
+    if (rc < 0)
+        return rc;
     if (((struct pp_ctl *)p)->magic != PP_CTL_MAGIC ||
         ((struct pp_ctl *)p)->nworkers != (uint32_t)m->nworkers)
         return -EINVAL;
