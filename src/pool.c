@@ -107,7 +107,7 @@ static int encode_fn(pp_pool *pool, struct pp_job *job)
         job->fncode = pool->last_code;
         return 0;
     }
-    int rc = pp__spawn_encode(pool->ctl, job->fn, &job->fncode);
+    int rc = pp__spawn_encode(pool->objects, job->fn, &job->fncode);
     if (rc < 0)
         return rc;
     pool->last_fn = job->fn;
@@ -419,7 +419,7 @@ static int start_workers(pp_pool *pool)
     fflush(NULL); /* what the caller buffered must not be written again by a child */
     int rc = pool->spawned
                  ? pp__spawn_start(&pool->cfg, pool->nworkers, pool->ctl_fd, pool->map_bytes,
-                                   pool->wake_fd, &pool->zygote, &pool->zsock)
+                                   pool->wake_fd, &pool->objects, &pool->zygote, &pool->zsock)
                  : pp__zygote_start(&pool->cfg, pool->nworkers, &pool->zygote, &pool->zsock);
     if (rc < 0)
         return rc;
@@ -742,6 +742,8 @@ static void release_resources(pp_pool *pool)
         munmap(pool->ctl, pool->map_bytes);
     if (pool->ctl_fd >= 0)
         close(pool->ctl_fd);
+    pp__spawn_release(pool->objects);
+    pool->objects = NULL;
     pool->zsock = pool->wake_fd = pool->ctl_fd = -1;
     pool->ctl = NULL;
     pp__payload_destroy(&pool->payload);

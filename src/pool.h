@@ -128,6 +128,7 @@ struct pp_pool {
     int64_t busy_poll_ns;          /* how long a poller sleeps now while workers hold work */
     int cancels;                   /* workers in a cancel grace period */
     bool spawned;                  /* PP_START_SPAWN: descriptors carry PP_FN_CODEs */
+    struct pp_objtab *objects;     /* spawn: the objects those codes name */
     pp_fn *last_fn;                /* spawn: the last function encoded, */
     uint64_t last_code;            /* and its code */
 

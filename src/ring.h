@@ -22,7 +22,6 @@
 
 #include "util.h"
 
-#include <limits.h>
 #include <stdalign.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -34,8 +33,6 @@
 #define PP_LOW_WATER 16  /* a worker wakes the parent when this few entries are left */
 #define PP_MSG_TEXT  256
 #define PP_CTL_MAGIC 0x70706f6fu
-
-#define PP_MAX_OBJECTS 64 /* loaded objects a spawn pool's functions may come from */
 
 enum pp_desc_state {
     PP_DESC_FREE = 0,
@@ -105,11 +102,6 @@ struct pp_ctl {
     int wake_fd; /* eventfd the parent sleeps on */
     int timing;  /* workers stamp item_start */
     alignas(PP_CACHELINE) _Atomic uint32_t parent_sleeping;
-    /* Spawn: the loaded objects functions are named by (PP_FN_CODE). Only the
-     * parent appends, under its lock; an entry is written before nobjects
-     * grows past it. */
-    _Atomic uint32_t nobjects;
-    char objects[PP_MAX_OBJECTS][PATH_MAX];
     alignas(PP_CACHELINE) struct pp_slot slot[];
 };
 

@@ -56,7 +56,7 @@ extern char **environ;
 /* The configuration the parent sends the new process. */
 struct spawn_msg {
     uint64_t magic;
-    int32_t nworkers, ctl_fd, wake_fd, arena_fd, parent, has_init, initarg_kind, pad;
+    int32_t nworkers, ctl_fd, wake_fd, arena_fd, objects_fd, parent, has_init, initarg_kind;
     uint64_t ctl_addr, map_bytes, arena_addr, arena_size;
     uint64_t max_tasks, max_memory, initarg;
     int64_t soft_timeout_ns;
@@ -65,7 +65,7 @@ struct spawn_msg {
 
 /* ---- parent --------------------------------------------------------------- */
 
-int pp__spawn_encode(struct pp_ctl *ctl, pp_fn *fn, uint64_t *code)
+int pp__spawn_encode(struct pp_objtab *t, pp_fn *fn, uint64_t *code)
 {
     struct pp_fnref ref;
     int rc = pp__fnref_encode((const void *)(uintptr_t)fn, &ref);
@@ -73,15 +73,15 @@ int pp__spawn_encode(struct pp_ctl *ctl, pp_fn *fn, uint64_t *code)
         return rc;
     if (ref.offset > PP_FN_OFFSET_MASK)
         return PP_ENOTFOUND;
-    uint32_t n = atomic_load_explicit(&ctl->nobjects, memory_order_relaxed);
+    uint32_t n = atomic_load_explicit(&t->n, memory_order_relaxed);
     uint32_t i = 0;
-    while (i < n && strcmp(ctl->objects[i], ref.object) != 0)
+    while (i < n && strcmp(t->name[i], ref.object) != 0)
         i++;
     if (i == n) {
         if (n == PP_MAX_OBJECTS)
             return -ENOSPC;
-        strcpy(ctl->objects[n], ref.object); /* both are PATH_MAX long */
-        atomic_store_explicit(&ctl->nobjects, n + 1, memory_order_release);
+        strcpy(t->name[n], ref.object); /* both are PATH_MAX long */
+        atomic_store_explicit(&t->n, n + 1, memory_order_release);
     }
     *code = PP_FN_CODE(i, ref.offset);
     return 0;
@@ -173,6 +173,7 @@ static int spawn_once(const struct spawn_msg *m, pid_t *pid, int *sock)
     posix_spawn_file_actions_adddup2(&fa, m->ctl_fd, m->ctl_fd);
     posix_spawn_file_actions_adddup2(&fa, m->wake_fd, m->wake_fd);
     posix_spawn_file_actions_adddup2(&fa, m->arena_fd, m->arena_fd);
+    posix_spawn_file_actions_adddup2(&fa, m->objects_fd, m->objects_fd);
     /* Its own process group, out of the terminal's foreground: Ctrl-C is
      * the parent's to handle; and the default for SIGCHLD, as it reaps. */
     sigset_t def;
@@ -207,12 +208,46 @@ static int spawn_once(const struct spawn_msg *m, pid_t *pid, int *sock)
     return 0;
 }
 
+/* The table of objects: our writable mapping, its memfd sealed against any
+ * other (the new process maps it read-only). NULL with errno on failure. */
+static struct pp_objtab *objtab_new(int *fd)
+{
+    *fd = memfd_create("procpool-objects", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (*fd < 0)
+        return NULL;
+    void *p = MAP_FAILED;
+    if (ftruncate(*fd, sizeof(struct pp_objtab)) == 0)
+        p = mmap(NULL, sizeof(struct pp_objtab), PROT_READ | PROT_WRITE, MAP_SHARED, *fd, 0);
+    if (p == MAP_FAILED) {
+        int e = errno;
+        close(*fd);
+        errno = e;
+        return NULL;
+    }
+    /* Best effort: a kernel before 5.1 does not know this seal. */
+    fcntl(*fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE);
+    return p;
+}
+
+void pp__spawn_release(struct pp_objtab *objects)
+{
+    if (objects != NULL)
+        munmap(objects, sizeof *objects);
+}
+
 int pp__spawn_start(const struct pp_worker_cfg *cfg, int nworkers, int ctl_fd, size_t map_bytes,
-                    int wake_fd, pid_t *pid, int *sock)
+                    int wake_fd, struct pp_objtab **objects, pid_t *pid, int *sock)
 {
     struct spawn_msg *m = calloc(1, sizeof *m);
     if (m == NULL)
         return -ENOMEM;
+    int objects_fd;
+    struct pp_objtab *t = objtab_new(&objects_fd);
+    if (t == NULL) {
+        int e = errno;
+        free(m);
+        return -e;
+    }
     void *arena;
     *m = (struct spawn_msg){
         .magic = SPAWN_MAGIC,
@@ -220,6 +255,7 @@ int pp__spawn_start(const struct pp_worker_cfg *cfg, int nworkers, int ctl_fd, s
         .ctl_fd = ctl_fd,
         .wake_fd = wake_fd,
         .arena_fd = pp__shm_fd(),
+        .objects_fd = objects_fd,
         .parent = getpid(),
         .ctl_addr = (uint64_t)(uintptr_t)cfg->ctl,
         .map_bytes = map_bytes,
@@ -248,6 +284,11 @@ int pp__spawn_start(const struct pp_worker_cfg *cfg, int nworkers, int ctl_fd, s
             break;
     }
     free(m);
+    close(objects_fd); /* the new process has its own mapping now */
+    if (rc < 0)
+        pp__spawn_release(t);
+    else
+        *objects = t;
     return rc;
 }
 
@@ -258,17 +299,17 @@ static struct {
     pp_fn *fn;
 } resolved[RESOLVE_CACHE];
 
-pp_fn *pp__spawn_resolve(struct pp_ctl *ctl, uint64_t code)
+pp_fn *pp__spawn_resolve(const struct pp_objtab *t, uint64_t code)
 {
     unsigned h = (unsigned)((code ^ (code >> 29)) % RESOLVE_CACHE);
     if (resolved[h].code == code && code != 0)
         return resolved[h].fn;
     uint64_t index = (code >> PP_FN_OFFSET_BITS) - 1;
     if ((code >> PP_FN_OFFSET_BITS) == 0 ||
-        index >= atomic_load_explicit(&ctl->nobjects, memory_order_acquire))
+        index >= atomic_load_explicit(&t->n, memory_order_acquire))
         return NULL;
     static struct pp_fnref ref; /* one thread; too big for a worker's stack to waste */
-    memcpy(ref.object, ctl->objects[index], sizeof ref.object);
+    memcpy(ref.object, t->name[index], sizeof ref.object);
     ref.object[sizeof ref.object - 1] = '\0';
     ref.offset = code & PP_FN_OFFSET_MASK;
     pp_fn *fn = (pp_fn *)(uintptr_t)pp__fnref_resolve(&ref);
@@ -358,6 +399,10 @@ static _Noreturn void become_zygote(int sock, int argc, char **argv, char **envp
     if ((rc = map_ctl(&m)) < 0)
         fail(sock, rc);
     close(m.ctl_fd);
+    void *objects = mmap(NULL, sizeof(struct pp_objtab), PROT_READ, MAP_SHARED, m.objects_fd, 0);
+    if (objects == MAP_FAILED)
+        fail(sock, -errno);
+    close(m.objects_fd);
     rc = pp__shm_adopt(m.arena_fd, (void *)(uintptr_t)m.arena_addr, (size_t)m.arena_size);
     if (rc < 0)
         fail(sock, rc);
@@ -369,7 +414,7 @@ static _Noreturn void become_zygote(int sock, int argc, char **argv, char **envp
         .max_tasks = m.max_tasks,
         .max_memory = m.max_memory,
         .soft_timeout_ns = m.soft_timeout_ns,
-        .spawned = true,
+        .objects = objects,
     };
     if (m.has_init) {
         m.init.object[sizeof m.init.object - 1] = '\0';

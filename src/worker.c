@@ -152,7 +152,7 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
     if (d->result_size) /* every result starts as zero bytes; one memset per chunk */
         memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
     pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
-    if (cfg->spawned && (fn = pp__spawn_resolve(cfg->ctl, d->fn)) == NULL) {
+    if (cfg->objects != NULL && (fn = pp__spawn_resolve(cfg->objects, d->fn)) == NULL) {
         /* Nothing to run: every item fails, and the worker goes on. */
         for (uint32_t i = 0; i < d->count; i++) {
             atomic_store_explicit(&s->cur_item, i, memory_order_release);

@@ -7,8 +7,9 @@
 
 #include "ring.h"
 
-#include <stdbool.h>
 #include <stddef.h>
+
+struct pp_objtab;
 
 struct pp_worker_cfg {
     struct pp_ctl *ctl;
@@ -17,7 +18,9 @@ struct pp_worker_cfg {
     unsigned long max_tasks; /* chunks before the worker retires; 0: none */
     size_t max_memory;       /* resident bytes past which it retires; 0: none */
     int64_t soft_timeout_ns; /* pp_task_should_stop() after this; 0: none */
-    bool spawned;            /* descriptors name functions by PP_FN_CODE (spawn.h) */
+    /* Spawn: the objects that descriptors' PP_FN_CODEs name (spawn.h); NULL
+     * under fork, where descriptors carry addresses. */
+    const struct pp_objtab *objects;
 };
 
 /* Runs worker `id` of `cfg` until it is told to quit or retires. Never
