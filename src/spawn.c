@@ -15,10 +15,11 @@
  *
  * Functions cannot cross as addresses, as the new process is laid out
  * differently (ASLR). A descriptor's fn carries PP_FN_CODE(object, offset):
- * the object is an index into a table of object names in the control
- * block, which the parent appends to under its lock; a worker resolves a
- * code once (dlopen-ing the object if the parent had loaded it later) and
- * caches the address.
+ * the object is an index into a table of object names (struct pp_objtab, a
+ * sealed memfd that workers map read-only, so no task can scribble it),
+ * which the parent appends to under its lock; a worker resolves a code once
+ * (dlopen-ing the object if the parent had loaded it later) and caches the
+ * address.
  */
 #include "spawn.h"
 
@@ -431,6 +432,7 @@ static _Noreturn void become_zygote(int sock, int argc, char **argv, char **envp
     struct pp_zmsg z = {.op = PP_Z_STARTED, .status = 0};
     while (send(sock, &z, sizeof z, MSG_NOSIGNAL) < 0 && errno == EINTR)
         ;
+    fflush(NULL); /* what the constructors printed, once: not again by each worker */
     pp__zygote_serve(&spawned_cfg, m.nworkers, sock, (pid_t)m.parent);
 }
 
