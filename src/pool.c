@@ -450,6 +450,10 @@ static int default_start(int *start)
 PP_API pp_pool *pp_pool_new(const pp_options *opts)
 {
     pp_options o = opts ? *opts : (pp_options){0};
+    if (pp__spawn_booting()) {
+        errno = EBUSY; /* a constructor, in a process spawned for a pool */
+        return NULL;
+    }
     int rc = o.start == PP_START_FORK ? default_start(&o.start) : 0;
     if (rc == 0)
         rc = check_options(&o);

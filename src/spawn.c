@@ -322,6 +322,12 @@ pp_fn *pp__spawn_resolve(const struct pp_objtab *t, uint64_t code)
 /* ---- the new process --------------------------------------------------------- */
 
 static struct pp_worker_cfg spawned_cfg;
+static bool booting;
+
+bool pp__spawn_booting(void)
+{
+    return booting;
+}
 
 static void spawn_entry(int argc, char **argv, char **envp);
 
@@ -408,7 +414,9 @@ static _Noreturn void become_zygote(int sock, int argc, char **argv, char **envp
     if (rc < 0)
         fail(sock, rc);
     /* Our memory is in place: whatever they map cannot take its place. */
+    booting = true;
     run_program_constructors(argc, argv, envp);
+    booting = false;
     spawned_cfg = (struct pp_worker_cfg){
         .ctl = (struct pp_ctl *)(uintptr_t)m.ctl_addr,
         .initarg = (void *)(uintptr_t)m.initarg,

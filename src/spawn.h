@@ -11,6 +11,7 @@
 #include "worker.h"
 
 #include <limits.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -56,6 +57,10 @@ void pp__spawn_release(struct pp_objtab *objects);
  * PP_ENOTFOUND (no loaded object contains fn), or -ENOSPC (the pool has
  * met PP_MAX_OBJECTS objects already). */
 int pp__spawn_encode(struct pp_objtab *objects, pp_fn *fn, uint64_t *code);
+
+/* True in a spawned process while it runs the program's constructors: a
+ * pool made then would spawn a process that does the same, for ever. */
+bool pp__spawn_booting(void);
 
 /* Worker of a spawn pool: the function `code` names here, or NULL when it
  * cannot be found. Cached: one array lookup when the same code comes back. */

@@ -46,9 +46,24 @@ static int static_negate(const void *arg, void *result)
 static int marker = 1;  /* the parent sets 2 before its pools: a fresh process has 1 */
 static int constructed; /* how often the constructor below ran in this process */
 
+static int ctor_pool_errno = -1; /* what pp_pool_new said to the constructor */
+
 __attribute__((constructor)) static void construct(void)
 {
     constructed++;
+    if (getenv("PP_TEST_CTOR_POOL") != NULL) { /* a pool from a constructor */
+        errno = 0;
+        pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1, .start = PP_START_SPAWN});
+        ctor_pool_errno = pool ? 0 : errno;
+        pp_pool_free(pool);
+    }
+}
+
+static int report_ctor_pool(const void *arg, void *result)
+{
+    (void)arg;
+    *(int *)result = ctor_pool_errno;
+    return 0;
 }
 
 struct seen {
@@ -122,6 +137,17 @@ Test(spawn, workers_are_a_fresh_process_laid_out_anew, .timeout = 60)
                       "the spawned process has its own layout (ASLR), and still runs the "
                       "right function");
     marker = 1;
+    pp_pool_free(pool);
+}
+
+Test(spawn, no_pool_from_a_constructor_of_a_spawned_process, .timeout = 60)
+{
+    setenv("PP_TEST_CTOR_POOL", "1", 1);
+    pp_pool *pool = spawn_pool(1);
+    unsetenv("PP_TEST_CTOR_POOL");
+    int r = 0;
+    cr_assert_eq(pp_apply(pool, report_ctor_pool, NULL, 0, &r, sizeof r, NULL), 0);
+    cr_assert_eq(r, EBUSY, "it would spawn again, for ever");
     pp_pool_free(pool);
 }
 
