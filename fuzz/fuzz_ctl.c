@@ -101,8 +101,6 @@ static pp_pool *pool_new(double timeout)
     pool->ctl = p;
     pool->ctl->magic = PP_CTL_MAGIC;
     pool->ctl->nworkers = NW;
-    pool->ctl->wake_fd = -1;
-    pool->ctl->timing = timeout > 0;
     pool->payload.base = (unsigned char *)p + pool->ctl_bytes;
     pool->payload.size = PAYLOAD_BYTES;
     pool->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);

@@ -762,6 +762,38 @@ int pp__busy(pp_pool *pool)
     return busy;
 }
 
+/* A starting worker writes READY or INITFAIL into its slot. Any other value
+ * there is a task's scribble: the worker can no longer tell us when it is
+ * ready, so it is replaced (nothing was dealt to it yet). */
+static void note_started(pp_pool *pool, int id)
+{
+    uint32_t state = atomic_load(&pool->ctl->slot[id].state);
+    if (state == PP_W_READY) {
+        pool->w[id].state = PP_WS_READY;
+        pool->w[id].was_ready = true;
+    } else if (state != PP_W_STARTING && state != PP_W_INITFAIL)
+        pp__kill_worker(pool, id, PP_ECRASH);
+}
+
+bool pp__can_progress(pp_pool *pool)
+{
+    for (int id = 0; id < pool->nworkers; id++) {
+        struct pp_worker *w = &pool->w[id];
+        struct pp_slot *s = &pool->ctl->slot[id];
+        if (w->state == PP_WS_READY || w->state == PP_WS_EXITING) {
+            uint32_t unread =
+                atomic_load_explicit(&s->out_tail, memory_order_acquire) - w->out_head;
+            if (unread != 0 && (unread <= PP_RING || w->kill_code == 0))
+                return true;
+        } else if (w->state == PP_WS_STARTING) {
+            uint32_t state = atomic_load(&s->state);
+            if (state != PP_W_STARTING && state != PP_W_INITFAIL)
+                return true;
+        }
+    }
+    return false;
+}
+
 void pp__pump(pp_pool *pool)
 {
     /* The zygote's socket is read when poll() saw it readable, and now and
@@ -776,8 +808,8 @@ void pp__pump(pp_pool *pool)
     }
     for (int id = 0; id < pool->nworkers; id++) {
         struct pp_worker *w = &pool->w[id];
-        if (w->state == PP_WS_STARTING && atomic_load(&pool->ctl->slot[id].state) == PP_W_READY)
-            w->state = PP_WS_READY;
+        if (w->state == PP_WS_STARTING)
+            note_started(pool, id);
         if (w->state == PP_WS_READY || w->state == PP_WS_EXITING)
             pp__collect(pool, id);
     }

@@ -155,20 +155,7 @@ void pp__wake_thread(pp_pool *pool)
     pthread_cond_broadcast(&pool->cond);
 }
 
-/* True when a worker has posted something we have not read. */
-static bool activity(pp_pool *pool)
-{
-    for (int id = 0; id < pool->nworkers; id++) {
-        struct pp_slot *s = &pool->ctl->slot[id];
-        if (atomic_load_explicit(&s->out_tail, memory_order_acquire) != pool->w[id].out_head)
-            return true;
-        if (pool->w[id].state == PP_WS_STARTING && atomic_load(&s->state) != PP_W_STARTING)
-            return true;
-    }
-    return false;
-}
-
-/* activity() without the lock: compares only words of the shared slots
+/* pp__can_progress() without the lock: compares only words of the shared slots
  * (the parent publishes how far it read each outbox there). */
 static bool posted_unlocked(pp_pool *pool)
 {
@@ -189,7 +176,7 @@ static void poll_for_pool(pp_pool *pool, int64_t until)
     pool->poller_thread = pthread_self();
     atomic_store(&pool->ctl->parent_sleeping, 1);
     atomic_thread_fence(memory_order_seq_cst);
-    if (!activity(pool)) {
+    if (!pp__can_progress(pool)) {
         struct pollfd fds[2] = {{.fd = pool->wake_fd, .events = POLLIN},
                                 {.fd = pool->zsock, .events = POLLIN}};
         struct timespec ts, *tsp = NULL;
@@ -206,7 +193,7 @@ static void poll_for_pool(pp_pool *pool, int64_t until)
         pthread_mutex_lock(&pool->mu);
         /* Woken by nothing while workers hold work: their tasks are long, so
          * look less often (up to 64 ms); anything happening resets it. */
-        if (n == 0 && !activity(pool)) {
+        if (n == 0 && !pp__can_progress(pool)) {
             if (pool->busy_poll_ns < PP_BUSY_POLL_MAX_NS)
                 pool->busy_poll_ns *= 2;
         } else {
@@ -410,6 +397,8 @@ static int start_workers(pp_pool *pool)
 {
     pool->cfg = (struct pp_worker_cfg){
         .ctl = pool->ctl,
+        .wake_fd = pool->wake_fd,
+        .timing = pool->opts.task_timeout > 0 || pool->opts.task_soft_timeout > 0,
         .initializer = pool->opts.initializer,
         .initarg = pool->opts.initarg,
         .max_tasks = pool->opts.max_tasks_per_child,
@@ -501,8 +490,6 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
         rc = -errno;
         goto fail;
     }
-    pool->ctl->wake_fd = pool->wake_fd;
-    pool->ctl->timing = o.task_timeout > 0 || o.task_soft_timeout > 0;
     if ((rc = start_workers(pool)) < 0)
         goto fail;
     if ((rc = -pthread_create(&pool->thread, NULL, library_thread, pool)) < 0)

@@ -94,6 +94,7 @@ struct pp_worker {
     uint32_t out_head; /* next outbox position we read */
     int kill_code;     /* why we killed it: PP_ETIMEOUT, PP_ECANCELED, PP_ECLOSED; 0: we did not */
     bool succeeded;    /* finished at least one chunk (crash-loop detection) */
+    bool was_ready;    /* said READY: it started, whatever happened next */
     unsigned early_deaths; /* deaths in a row of this slot's workers before any chunk */
     bool given_up;         /* crash loop: this slot is not replaced any more */
     int64_t cancel_at;     /* kill it then if it still runs the cancelled chunk; 0: none */
@@ -165,8 +166,12 @@ struct pp_pool {
 #define PP_ZYGOTE_CHECK_NS   2000000    /* busy pumps read the zygote at least this often */
 
 /* dispatch.c: moving work between the books and the rings. */
-void pp__pump(pp_pool *pool);          /* collect, supervise, deal */
-int pp__busy(pp_pool *pool);           /* how many workers have work in their inbox */
+void pp__pump(pp_pool *pool); /* collect, supervise, deal */
+int pp__busy(pp_pool *pool);  /* how many workers have work in their inbox */
+/* True when a worker posted something the pump will act on. It never says
+ * yes to what the pump ignores (a scribbled word in a slot): a poller would
+ * spin with the lock held instead of sleeping. */
+bool pp__can_progress(pp_pool *pool);
 int64_t pp__poll_until(pp_pool *pool); /* how long a poller may sleep */
 void pp__enqueue(pp_pool *pool, struct pp_job *job);
 void pp__dequeue(pp_pool *pool, struct pp_job *job);

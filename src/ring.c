@@ -21,13 +21,13 @@ size_t pp__ctl_size(uint32_t nworkers)
     return (bytes + page - 1) / page * page;
 }
 
-void pp__ring_notify_parent(struct pp_ctl *ctl)
+void pp__ring_notify_parent(struct pp_ctl *ctl, int wake_fd)
 {
     atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(&ctl->parent_sleeping, memory_order_relaxed) &&
         atomic_exchange(&ctl->parent_sleeping, 0)) {
         uint64_t one = 1;
-        ssize_t rc = write(ctl->wake_fd, &one, sizeof one);
+        ssize_t rc = write(wake_fd, &one, sizeof one);
         (void)rc; /* EAGAIN: the counter is already non-zero, the parent wakes */
     }
 }

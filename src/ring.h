@@ -99,8 +99,6 @@ struct pp_slot {
 struct pp_ctl {
     uint32_t magic;
     uint32_t nworkers;
-    int wake_fd; /* eventfd the parent sleeps on */
-    int timing;  /* workers stamp item_start */
     alignas(PP_CACHELINE) _Atomic uint32_t parent_sleeping;
     alignas(PP_CACHELINE) struct pp_slot slot[];
 };
@@ -108,8 +106,10 @@ struct pp_ctl {
 /* Bytes of the control block for n workers, rounded to whole pages. */
 size_t pp__ctl_size(uint32_t nworkers);
 
-/* Worker side: tell the parent something changed (a message, a state). */
-void pp__ring_notify_parent(struct pp_ctl *ctl);
+/* Worker side: tell the parent something changed (a message, a state), by
+ * the eventfd `wake_fd` if it sleeps. The fd comes from the worker's own
+ * memory, never from the region, which tasks can overwrite. */
+void pp__ring_notify_parent(struct pp_ctl *ctl, int wake_fd);
 /* Parent side: make sure the worker of `slot` sees new inbox entries. */
 void pp__ring_wake_worker(struct pp_slot *slot);
 

@@ -58,6 +58,7 @@ extern char **environ;
 struct spawn_msg {
     uint64_t magic;
     int32_t nworkers, ctl_fd, wake_fd, arena_fd, objects_fd, parent, has_init, initarg_kind;
+    int32_t timing, pad;
     uint64_t ctl_addr, map_bytes, arena_addr, arena_size;
     uint64_t max_tasks, max_memory, initarg;
     int64_t soft_timeout_ns;
@@ -257,6 +258,7 @@ int pp__spawn_start(const struct pp_worker_cfg *cfg, int nworkers, int ctl_fd, s
         .wake_fd = wake_fd,
         .arena_fd = pp__shm_fd(),
         .objects_fd = objects_fd,
+        .timing = cfg->timing,
         .parent = getpid(),
         .ctl_addr = (uint64_t)(uintptr_t)cfg->ctl,
         .map_bytes = map_bytes,
@@ -419,6 +421,8 @@ static _Noreturn void become_zygote(int sock, int argc, char **argv, char **envp
     booting = false;
     spawned_cfg = (struct pp_worker_cfg){
         .ctl = (struct pp_ctl *)(uintptr_t)m.ctl_addr,
+        .wake_fd = m.wake_fd,
+        .timing = m.timing != 0,
         .initarg = (void *)(uintptr_t)m.initarg,
         .max_tasks = m.max_tasks,
         .max_memory = m.max_memory,

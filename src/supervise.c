@@ -185,7 +185,7 @@ static void on_exit_(pp_pool *pool, int id, int status)
     bool initfail = atomic_load(&pool->ctl->slot[id].state) == PP_W_INITFAIL;
     /* A worker we killed for breaking its outbox is still a crash. */
     bool was_killed = w->kill_code != 0 && w->kill_code != PP_ECRASH;
-    bool succeeded = w->succeeded;
+    bool started = w->succeeded || w->was_ready;
     unsigned early = w->early_deaths;
     memset(&pool->ctl->slot[id], 0, sizeof pool->ctl->slot[id]);
     *w = (struct pp_worker){.state = PP_WS_DOWN, .gen = w->gen, .early_deaths = early};
@@ -196,10 +196,12 @@ static void on_exit_(pp_pool *pool, int id, int status)
     }
     if (pool->terminated || pool->quitting || pool->broken || pool->zygote_gone)
         return;
-    /* A crash loop is counted per slot: deaths that no item explains, of
-     * workers that never finished a chunk. Past the limit the slot is given
-     * up; when every slot is, the pool fails what is pending. */
-    if (!charged && !succeeded && !was_killed && ++w->early_deaths >= PP_CRASH_LOOP_LIMIT) {
+    /* A crash loop is counted per slot: deaths of workers that never got
+     * as far as taking work (a crashing initializer, a broken start). A
+     * worker that started and then died was killed by a task or from
+     * outside: that death is charged to an item, or is simply replaced. Past the limit the slot is
+     * given up; when every slot is, the pool fails what is pending. */
+    if (!charged && !started && !was_killed && ++w->early_deaths >= PP_CRASH_LOOP_LIMIT) {
         w->given_up = true;
         for (int i = 0; i < pool->nworkers; i++)
             if (!pool->w[i].given_up)

@@ -83,8 +83,8 @@ static void wait_for_work(struct pp_slot *s, uint32_t head)
 }
 
 /* Appends one message to the outbox, waiting while it is full. */
-static void post(struct pp_ctl *ctl, struct pp_slot *s, uint32_t kind, uint32_t seq, uint32_t item,
-                 int status, const char *text)
+static void post(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t kind, uint32_t seq,
+                 uint32_t item, int status, const char *text)
 {
     uint32_t tail = atomic_load_explicit(&s->out_tail, memory_order_relaxed);
     while (tail - atomic_load_explicit(&s->out_head, memory_order_acquire) >= PP_RING) {
@@ -95,7 +95,7 @@ static void post(struct pp_ctl *ctl, struct pp_slot *s, uint32_t kind, uint32_t 
             atomic_store(&s->sleeping, 0);
             break;
         }
-        pp__ring_notify_parent(ctl);
+        pp__ring_notify_parent(cfg->ctl, cfg->wake_fd);
         pp__futex_wait(&s->doorbell, bell, pp__now_ns() + 100000000);
         atomic_store(&s->sleeping, 0);
     }
@@ -119,7 +119,7 @@ static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const s
 
     /* The start time is written before the item number, so the parent
      * never pairs a new item with an older start and kills it early. */
-    if (cfg->ctl->timing) {
+    if (cfg->timing) {
         int64_t now = pp__now_ns();
         atomic_store_explicit(&s->item_start, now, memory_order_release);
         soft_deadline = cfg->soft_timeout_ns ? now + cfg->soft_timeout_ns : 0;
@@ -133,7 +133,7 @@ static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const s
             snprintf(text, sizeof text, "%s", fail_text);
         else
             snprintf(text, sizeof text, "task returned %d", rc);
-        post(cfg->ctl, s, PP_MSG_FAIL, seq, i, rc, text);
+        post(cfg, s, PP_MSG_FAIL, seq, i, rc, text);
     }
 }
 
@@ -141,7 +141,7 @@ static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const s
 static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t head)
 {
     struct pp_desc *d = &s->in[head & PP_RING_MASK];
-    if (cfg->ctl->timing)
+    if (cfg->timing)
         atomic_store_explicit(&s->item_start, pp__now_ns(), memory_order_release);
     atomic_store_explicit(&s->cur_seq, head, memory_order_relaxed);
     atomic_store_explicit(&s->cur_item, 0, memory_order_relaxed);
@@ -156,14 +156,14 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
         /* Nothing to run: every item fails, and the worker goes on. */
         for (uint32_t i = 0; i < d->count; i++) {
             atomic_store_explicit(&s->cur_item, i, memory_order_release);
-            post(cfg->ctl, s, PP_MSG_NOTFOUND, head, i, 0,
+            post(cfg, s, PP_MSG_NOTFOUND, head, i, 0,
                  "the task's function cannot be found in the spawned worker");
         }
     } else {
         for (uint32_t i = 0; i < d->count; i++)
             run_item(cfg, s, d, fn, head, i);
     }
-    post(cfg->ctl, s, PP_MSG_DONE, head, d->count, 0, NULL);
+    post(cfg, s, PP_MSG_DONE, head, d->count, 0, NULL);
     atomic_store_explicit(&s->busy, 0, memory_order_release);
     atomic_store_explicit(&s->stop, 0, memory_order_relaxed);
     return true;
@@ -198,11 +198,11 @@ _Noreturn void pp__worker_main(const struct pp_worker_cfg *cfg, int id)
 
     if (cfg->initializer != NULL && cfg->initializer(cfg->initarg) != 0) {
         atomic_store(&s->state, PP_W_INITFAIL);
-        pp__ring_notify_parent(ctl);
+        pp__ring_notify_parent(cfg->ctl, cfg->wake_fd);
         leave(PP_EXIT_INITFAIL);
     }
     atomic_store(&s->state, PP_W_READY);
-    pp__ring_notify_parent(ctl);
+    pp__ring_notify_parent(cfg->ctl, cfg->wake_fd);
     current_slot = s;
 
     unsigned long chunks = 0;
@@ -223,7 +223,7 @@ _Noreturn void pp__worker_main(const struct pp_worker_cfg *cfg, int id)
          * a batch per wake-up instead of one entry per system call. */
         uint32_t left = atomic_load_explicit(&s->in_tail, memory_order_acquire) - head;
         if (left <= PP_LOW_WATER)
-            pp__ring_notify_parent(ctl);
+            pp__ring_notify_parent(cfg->ctl, cfg->wake_fd);
         chunks++;
         if (cfg->max_tasks != 0 && chunks >= cfg->max_tasks)
             leave(0);

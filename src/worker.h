@@ -7,12 +7,15 @@
 
 #include "ring.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 
 struct pp_objtab;
 
 struct pp_worker_cfg {
     struct pp_ctl *ctl;
+    int wake_fd; /* the parent's eventfd */
+    bool timing; /* stamp item_start (a timeout is set) */
     int (*initializer)(void *);
     void *initarg;
     unsigned long max_tasks; /* chunks before the worker retires; 0: none */
