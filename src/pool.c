@@ -17,7 +17,7 @@
 #include "iter.h"
 #include "pool.h"
 #include "shm.h"
-#include "spawn.h"
+#include "spawn_method.h"
 #include "zygote.h"
 
 #include <errno.h>

@@ -46,7 +46,7 @@ struct pp_desc {
     _Atomic uint32_t state;
     uint32_t count;   /* items in the chunk */
     uint64_t fn;      /* fork: the pp_fn address (same in every forked process);
-                         spawn: PP_FN_CODE(object index, offset), see spawn.h */
+                         spawn: PP_FN_CODE(object index, offset), see spawn_method.h */
     uint64_t args;    /* address of the first argument */
     uint64_t results; /* address of the first result */
     uint64_t arg_size;

@@ -1,5 +1,6 @@
 /*
- * spawn: the `spawn` start method (see spawn.h).
+ * spawn: the `spawn` start method (see spawn_method.h; not spawn.h, which is
+ * posix_spawn's).
  *
  * DESIGN: the parent executes its own binary (/proc/self/exe) once per
  * pool, with PROCPOOL_SPAWN_FD naming an inherited socket. A constructor of
@@ -21,7 +22,7 @@
  * (dlopen-ing the object if the parent had loaded it later) and caches the
  * address.
  */
-#include "spawn.h"
+#include "spawn_method.h"
 
 #include "fnref.h"
 #include "shm.h"

@@ -11,7 +11,7 @@
  */
 #include "worker.h"
 
-#include "spawn.h"
+#include "spawn_method.h"
 
 #include "procpool.h"
 

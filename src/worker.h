@@ -21,7 +21,7 @@ struct pp_worker_cfg {
     unsigned long max_tasks; /* chunks before the worker retires; 0: none */
     size_t max_memory;       /* resident bytes past which it retires; 0: none */
     int64_t soft_timeout_ns; /* pp_task_should_stop() after this; 0: none */
-    /* Spawn: the objects that descriptors' PP_FN_CODEs name (spawn.h); NULL
+    /* Spawn: the objects that descriptors' PP_FN_CODEs name (spawn_method.h); NULL
      * under fork, where descriptors carry addresses. */
     const struct pp_objtab *objects;
 };

@@ -3,8 +3,8 @@
  * of the program's own binary instead of a fork of the caller; functions
  * cross into it as (loaded object, offset).
  */
-#ifndef PP_SPAWN_H
-#define PP_SPAWN_H
+#ifndef PP_SPAWN_METHOD_H
+#define PP_SPAWN_METHOD_H
 
 #include "procpool.h"
 #include "ring.h"
