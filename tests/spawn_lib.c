@@ -22,3 +22,12 @@ int spawn_lib_where(const void *arg, void *result)
     *(uint64_t *)result = (uint64_t)(uintptr_t)&spawn_lib_where;
     return 0;
 }
+
+int spawn_lib_init(void *arg);
+
+/* An initializer that lives in this library. */
+int spawn_lib_init(void *arg)
+{
+    (void)arg;
+    return 0;
+}

@@ -260,6 +260,37 @@ Test(spawn, a_function_the_worker_cannot_find_fails_its_items, .timeout = 60)
     dlclose(lib);
 }
 
+/* The same, for the initializer: the new process cannot set up, says so,
+ * and pp_pool_new fails cleanly. */
+Test(spawn, an_initializer_the_new_process_cannot_find, .timeout = 60)
+{
+    pp_shm_free(pp_shm_alloc(1)); /* the arena lives on: make it before counting */
+    char path[] = "/tmp/pp_spawn_lib_XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert_geq(fd, 0);
+    int src = open(SPAWN_LIB, O_RDONLY);
+    cr_assert_geq(src, 0);
+    char buf[65536];
+    ssize_t n;
+    while ((n = read(src, buf, sizeof buf)) > 0)
+        cr_assert_eq(write(fd, buf, (size_t)n), n);
+    close(src);
+    close(fd);
+    void *lib = dlopen(path, RTLD_NOW);
+    cr_assert_not_null(lib, "%s", dlerror());
+    unlink(path);
+    int (*init)(void *) = (int (*)(void *))(uintptr_t)dlsym(lib, "spawn_lib_init");
+    cr_assert_not_null(init);
+    int fds = count_fds();
+    errno = 0;
+    cr_assert_null(
+        pp_pool_new(&(pp_options){.workers = 1, .start = PP_START_SPAWN, .initializer = init}));
+    cr_assert_eq(errno, EFAULT);
+    cr_assert_eq(count_children(), 0, "the new process was reaped");
+    cr_assert_eq(count_fds(), fds, "no file descriptor left");
+    dlclose(lib);
+}
+
 /* ---- the initializer and its argument ---------------------------------------- */
 
 static int init_seen = -1;
