@@ -408,7 +408,7 @@ static int start_workers(pp_pool *pool)
     fflush(NULL); /* what the caller buffered must not be written again by a child */
     int rc = pool->spawned
                  ? pp__spawn_start(&pool->cfg, pool->nworkers, pool->ctl_fd, pool->map_bytes,
-                                   pool->wake_fd, &pool->objects, &pool->zygote, &pool->zsock)
+                                   &pool->objects, &pool->zygote, &pool->zsock)
                  : pp__zygote_start(&pool->cfg, pool->nworkers, &pool->zygote, &pool->zsock);
     if (rc < 0)
         return rc;

@@ -239,7 +239,7 @@ void pp__spawn_release(struct pp_objtab *objects)
 }
 
 int pp__spawn_start(const struct pp_worker_cfg *cfg, int nworkers, int ctl_fd, size_t map_bytes,
-                    int wake_fd, struct pp_objtab **objects, pid_t *pid, int *sock)
+                    struct pp_objtab **objects, pid_t *pid, int *sock)
 {
     struct spawn_msg *m = calloc(1, sizeof *m);
     if (m == NULL)
@@ -256,7 +256,7 @@ int pp__spawn_start(const struct pp_worker_cfg *cfg, int nworkers, int ctl_fd, s
         .magic = SPAWN_MAGIC,
         .nworkers = nworkers,
         .ctl_fd = ctl_fd,
-        .wake_fd = wake_fd,
+        .wake_fd = cfg->wake_fd,
         .arena_fd = pp__shm_fd(),
         .objects_fd = objects_fd,
         .timing = cfg->timing,

@@ -34,10 +34,10 @@ struct pp_objtab {
 #define PP_FN_CODE(index, offset)                                                                  \
     ((((uint64_t)(index) + 1) << PP_FN_OFFSET_BITS) | ((uint64_t)(offset)&PP_FN_OFFSET_MASK))
 
-/* Parent: starts the zygote of a spawn pool by executing /proc/self/exe.
- * `cfg` is the pool's worker configuration (its control block is mapped
- * from memfd `ctl_fd`, `map_bytes` long; `wake_fd` is the eventfd named in
- * it). The arena must exist. The new process maps both at the addresses
+/* Parent: starts the zygote of a spawn pool by executing the program
+ * afresh. `cfg` is the pool's worker configuration (its control block is
+ * mapped from memfd `ctl_fd`, `map_bytes` long; cfg->wake_fd is passed on
+ * at its number). The arena must exist. The new process maps both at the addresses
  * they have here, resolves the initializer and its argument, and only then
  * answers; on success returns 0, the table of objects in *objects, its pid
  * in *pid and the parent's end of the command socket in *sock
@@ -48,7 +48,7 @@ struct pp_objtab {
  * process could not map the shared memory where it must be, or died
  * before it answered), or another negative errno. Call with stdio flushed. */
 int pp__spawn_start(const struct pp_worker_cfg *cfg, int nworkers, int ctl_fd, size_t map_bytes,
-                    int wake_fd, struct pp_objtab **objects, pid_t *pid, int *sock);
+                    struct pp_objtab **objects, pid_t *pid, int *sock);
 /* Unmaps what pp__spawn_start returned in *objects (NULL: nothing). */
 void pp__spawn_release(struct pp_objtab *objects);
 
