@@ -10,6 +10,10 @@
  * so killing a worker by pid can never hit a recycled pid, and the caller's
  * process never gets a child it did not make beyond the zygote itself.
  *
+ * Deaths are noticed at once through a signalfd for SIGCHLD (blocked in the
+ * zygote only, which is our process, not the caller's); the zygote then
+ * reaps each of its own children by pid, never waitpid(-1).
+ *
  * Lifelines: the zygote watches its command socket (end of file when the
  * parent process is gone, however it died) and its parent pid; workers get
  * PR_SET_PDEATHSIG from the zygote, which is single-threaded, so the signal
@@ -28,21 +32,22 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 struct child {
     pid_t pid; /* 0: none */
-    int pidfd;
     uint32_t gen;
 };
 
-static int pidfd_open_(pid_t pid)
-{
-    return (int)syscall(SYS_pidfd_open, pid, 0);
-}
+/* The zygote's own signal state: SIGCHLD blocked and read from `fd`;
+ * `saved` is the mask it inherited, which workers get back. */
+struct chld_watch {
+    int fd;
+    sigset_t saved;
+};
 
 int pp__zygote_send(int sock, uint32_t op, uint32_t id, uint32_t gen, int sig)
 {
@@ -69,22 +74,22 @@ static void reply(int sock, uint32_t op, uint32_t id, uint32_t gen, pid_t pid, i
         ;
 }
 
-static _Noreturn void become_worker(const struct pp_worker_cfg *cfg, struct child *kids, int n,
-                                    int sock, pid_t zygote, int id)
+static _Noreturn void become_worker(const struct pp_worker_cfg *cfg, int sock,
+                                    const struct chld_watch *cw, pid_t zygote, int id)
 {
+    if (cw->fd >= 0)
+        close(cw->fd);
+    sigprocmask(SIG_SETMASK, &cw->saved, NULL);
     setpgid(0, 0);
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != zygote)
         _exit(127);
     close(sock);
-    for (int i = 0; i < n; i++)
-        if (kids[i].pid != 0)
-            close(kids[i].pidfd);
     pp__worker_main(cfg, id);
 }
 
 static void spawn(const struct pp_worker_cfg *cfg, struct child *kids, int n, int sock,
-                  const struct pp_zmsg *m)
+                  const struct chld_watch *cw, const struct pp_zmsg *m)
 {
     if (m->id >= (uint32_t)n || kids[m->id].pid != 0) {
         reply(sock, PP_Z_EXITED, m->id, m->gen, 0, 127 << 8);
@@ -93,13 +98,13 @@ static void spawn(const struct pp_worker_cfg *cfg, struct child *kids, int n, in
     pid_t zygote = getpid();
     pid_t pid = fork();
     if (pid == 0)
-        become_worker(cfg, kids, n, sock, zygote, (int)m->id);
+        become_worker(cfg, sock, cw, zygote, (int)m->id);
     if (pid < 0) {
         reply(sock, PP_Z_EXITED, m->id, m->gen, 0, 127 << 8);
         return;
     }
     setpgid(pid, pid); /* also here, so a kill right away reaches the group */
-    kids[m->id] = (struct child){.pid = pid, .pidfd = pidfd_open_(pid), .gen = m->gen};
+    kids[m->id] = (struct child){.pid = pid, .gen = m->gen};
     reply(sock, PP_Z_SPAWNED, m->id, m->gen, pid, 0);
 }
 
@@ -124,8 +129,6 @@ static void reap(struct child *kids, int id, int sock, bool block)
         return;
     /* The task may have forked children that outlive the worker. */
     kill(-c->pid, SIGKILL);
-    if (c->pidfd >= 0)
-        close(c->pidfd);
     reply(sock, PP_Z_EXITED, (uint32_t)id, c->gen, c->pid, status);
     *c = (struct child){0};
 }
@@ -140,20 +143,27 @@ static _Noreturn void shut_down(struct child *kids, int n, int sock)
     _exit(0);
 }
 
-static _Noreturn void zygote_main(const struct pp_worker_cfg *cfg, struct child *kids,
-                                  struct pollfd *fds, int n, int sock, pid_t parent)
+/* Reads what SIGCHLD left in the signalfd; the deaths are found by reap(). */
+static void drain(int fd)
+{
+    struct signalfd_siginfo si;
+    while (read(fd, &si, sizeof si) == (ssize_t)sizeof si)
+        ;
+}
+
+static _Noreturn void zygote_main(const struct pp_worker_cfg *cfg, struct child *kids, int n,
+                                  int sock, const struct chld_watch *cw, pid_t parent)
 {
     for (;;) {
-        int nfds = 1;
-        fds[0] = (struct pollfd){.fd = sock, .events = POLLIN};
-        for (int i = 0; i < n; i++)
-            if (kids[i].pid != 0 && kids[i].pidfd >= 0)
-                fds[nfds++] = (struct pollfd){.fd = kids[i].pidfd, .events = POLLIN};
-        int rc = poll(fds, (nfds_t)nfds, 500);
+        struct pollfd fds[2] = {{.fd = sock, .events = POLLIN}, {.fd = cw->fd, .events = POLLIN}};
+        /* Without a signalfd, deaths are found on the 500 ms tick. */
+        int rc = poll(fds, cw->fd >= 0 ? 2 : 1, 500);
         if (getppid() != parent)
             shut_down(kids, n, sock);
         if (rc < 0)
             continue;
+        if (cw->fd >= 0 && (fds[1].revents & POLLIN))
+            drain(cw->fd);
         for (int i = 0; i < n; i++)
             if (kids[i].pid != 0)
                 reap(kids, i, sock, false);
@@ -168,7 +178,7 @@ static _Noreturn void zygote_main(const struct pp_worker_cfg *cfg, struct child 
         if (got != (ssize_t)sizeof m)
             continue;
         if (m.op == PP_Z_SPAWN)
-            spawn(cfg, kids, n, sock, &m);
+            spawn(cfg, kids, n, sock, cw, &m);
         else if (m.op == PP_Z_KILL && m.id < (uint32_t)n && kids[m.id].gen == m.gen)
             kill_child(&kids[m.id], m.sig);
         else if (m.op == PP_Z_QUIT)
@@ -176,16 +186,27 @@ static _Noreturn void zygote_main(const struct pp_worker_cfg *cfg, struct child 
     }
 }
 
+/* In the zygote: take SIGCHLD through a signalfd. */
+static void watch_children(struct chld_watch *cw)
+{
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, &cw->saved);
+    cw->fd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+}
+
 _Noreturn void pp__zygote_serve(const struct pp_worker_cfg *cfg, int nworkers, int sock,
                                 pid_t parent)
 {
     struct child *kids = calloc((size_t)nworkers, sizeof *kids);
-    struct pollfd *fds = calloc((size_t)nworkers + 1, sizeof *fds);
-    if (kids == NULL || fds == NULL)
+    if (kids == NULL)
         _exit(127);
     signal(SIGINT, SIG_IGN);
     signal(SIGCHLD, SIG_DFL);
-    zygote_main(cfg, kids, fds, nworkers, sock, parent);
+    struct chld_watch cw;
+    watch_children(&cw);
+    zygote_main(cfg, kids, nworkers, sock, &cw, parent);
 }
 
 int pp__zygote_start(const struct pp_worker_cfg *cfg, int nworkers, pid_t *pid, int *sock)
@@ -195,10 +216,7 @@ int pp__zygote_start(const struct pp_worker_cfg *cfg, int nworkers, pid_t *pid, 
         return -errno;
     /* Allocated before the fork: the zygote must not call malloc. */
     struct child *kids = calloc((size_t)nworkers, sizeof *kids);
-    struct pollfd *fds = calloc((size_t)nworkers + 1, sizeof *fds);
-    if (kids == NULL || fds == NULL) {
-        free(kids);
-        free(fds);
+    if (kids == NULL) {
         close(sv[0]);
         close(sv[1]);
         return -ENOMEM;
@@ -214,11 +232,12 @@ int pp__zygote_start(const struct pp_worker_cfg *cfg, int nworkers, pid_t *pid, 
         setpgid(0, 0); /* not in the terminal's foreground group: Ctrl-C is the parent's */
         signal(SIGINT, SIG_IGN);
         signal(SIGCHLD, SIG_DFL);
-        zygote_main(cfg, kids, fds, nworkers, sv[1], parent);
+        struct chld_watch cw;
+        watch_children(&cw);
+        zygote_main(cfg, kids, nworkers, sv[1], &cw, parent);
     }
     int err = errno;
     free(kids);
-    free(fds);
     close(sv[1]);
     if (z < 0) {
         close(sv[0]);

@@ -4,6 +4,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <procpool.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -156,6 +157,35 @@ Test(guest, installs_no_signal_handler, .timeout = 30)
         sigaction(sig, NULL, &after);
         cr_assert_eq(after.sa_handler, before[sig].sa_handler, "signal %d", sig);
     }
+    pp_pool_free(pool);
+}
+
+/* The helper blocks SIGCHLD in itself to read it from a signalfd: tasks
+ * must still run with the signal mask of the thread that made the pool. */
+static int blocked_signals(const void *arg, void *result)
+{
+    (void)arg;
+    sigset_t mask;
+    sigprocmask(SIG_SETMASK, NULL, &mask);
+    int *out = result;
+    out[0] = sigismember(&mask, SIGCHLD);
+    out[1] = sigismember(&mask, SIGUSR1);
+    return 0;
+}
+
+Test(guest, tasks_run_with_the_callers_signal_mask, .timeout = 30)
+{
+    sigset_t usr1, old;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &usr1, &old);
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    cr_assert_not_null(pool);
+    int out[2];
+    cr_assert_eq(pp_apply(pool, blocked_signals, NULL, 0, out, sizeof out, NULL), 0);
+    cr_assert_eq(out[0], 0, "SIGCHLD is blocked in the worker");
+    cr_assert_eq(out[1], 1, "the caller's mask was not inherited");
     pp_pool_free(pool);
 }
 
