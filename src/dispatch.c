@@ -553,13 +553,17 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
         char text[PP_MSG_TEXT];
         memcpy(text, m->text, sizeof text);
         text[sizeof text - 1] = '\0';
-        d->nfail++;
-        d->last_fail = m->item;
-        /* A failed item's slot is left as it was: copy what precedes it. */
-        pp__copy_out(d, d->copied, m->item, d->res_addr);
-        d->copied = m->item + 1;
-        pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + m->item,
-                         m->kind == PP_MSG_FAIL ? PP_ETASK : PP_ENOTFOUND, m->status, text);
+        /* NOTFOUND fails the rest of the chunk (our count, not the worker's). */
+        uint32_t last = m->kind == PP_MSG_FAIL ? m->item : d->piece.count - 1;
+        for (uint32_t item = m->item; item <= last; item++) {
+            d->nfail++;
+            d->last_fail = item;
+            /* A failed item's slot is left as it was: copy what precedes it. */
+            pp__copy_out(d, d->copied, item, d->res_addr);
+            d->copied = item + 1;
+            pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + item,
+                             m->kind == PP_MSG_FAIL ? PP_ETASK : PP_ENOTFOUND, m->status, text);
+        }
     }
 }
 

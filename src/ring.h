@@ -56,7 +56,8 @@ struct pp_desc {
 enum pp_msg_kind {
     PP_MSG_DONE = 1,     /* the whole chunk at inbox position `seq` has run */
     PP_MSG_FAIL = 2,     /* item `item` of that chunk returned non-zero `status` */
-    PP_MSG_NOTFOUND = 3, /* item `item`: its function names nothing here (spawn) */
+    PP_MSG_NOTFOUND = 3, /* items `item` to the chunk's end: its function names nothing
+                            here (spawn) */
 };
 
 struct pp_msg {

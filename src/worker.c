@@ -153,12 +153,11 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
         memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
     pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
     if (cfg->objects != NULL && (fn = pp__spawn_resolve(cfg->objects, d->fn)) == NULL) {
-        /* Nothing to run: every item fails, and the worker goes on. */
-        for (uint32_t i = 0; i < d->count; i++) {
-            atomic_store_explicit(&s->cur_item, i, memory_order_release);
-            post(cfg, s, PP_MSG_NOTFOUND, head, i, 0,
-                 "the task's function cannot be found in the spawned worker");
-        }
+        /* Nothing to run: one message fails every item of the chunk (the
+         * parent knows how many; a scribbled count cannot make us loop),
+         * and the worker goes on. */
+        post(cfg, s, PP_MSG_NOTFOUND, head, 0, 0,
+             "the task's function cannot be found in the spawned worker");
     } else {
         for (uint32_t i = 0; i < d->count; i++)
             run_item(cfg, s, d, fn, head, i);
