@@ -47,6 +47,7 @@ TITLES = {  # column titles; the legend under the table spells them out
     "pthread": "pthread",
     "serial": "serial",
     "procpool-mpi": "pp-MPI",
+    "procpool-spawn": "pp-spawn",
 }
 
 
@@ -196,6 +197,9 @@ def table(sides, seconds):
     if any(s.name == "procpool-mpi" for s in sides):
         out.append("pp-MPI = procpool with PP_BACKEND_MPI under mpirun -n 2: rank 0 holds the "
                    "pool, one serving rank runs the workers (workloads 1-4).")
+    if any(s.name == "procpool-spawn" for s in sides):
+        out.append("pp-spawn = procpool with PP_START_SPAWN: the zygote is a fresh run of the "
+                   "program (workload 7).")
     out.append(f"Each cell: median [min-max] of {'/'.join(sorted(reps)) or '?'} runs "
                f"(workload 7: twice as many); workers = {w}; "
                "ratio = procpool median / other median "

@@ -36,8 +36,8 @@ side pool "$python" "$here/bench_py.py" pool
 side executor "$python" "$here/bench_py.py" executor
 side pthread "$build/bench/bench_pthread" pthread
 side serial "$build/bench/bench_pthread" serial
-# Issue 7 adds columns here, e.g.:
-#   side procpool-spawn env PP_BENCH_START=spawn "$build/bench/bench_procpool"
+# The spawn start method, workload 7 (bench/spawn_side.sh):
+side procpool-spawn "$here/spawn_side.sh" "$build"
 # The MPI backend, workloads 1-4 (bench/mpi_side.sh):
 side procpool-mpi "$here/mpi_side.sh" "$build"
 

@@ -101,7 +101,13 @@ typedef struct pp_options {            /* zero = default, so (pp_options){.worke
  * the pool, every other rank serves it and never returns (its process ends
  * with MPI_Finalize and exit(0) when rank 0 frees the pool). ENOTSUP: built
  * without MPI, or MPI initialized by the program below
- * MPI_THREAD_SERIALIZED; EALREADY: a second MPI pool in one run. */
+ * MPI_THREAD_SERIALIZED; EALREADY: a second MPI pool in one run.
+ * start = PP_START_SPAWN: the workers come from a fresh run of this program
+ * (the library takes it over before main), not from a copy of the caller;
+ * functions cross as (loaded object, offset), and one in no object is
+ * PP_ENOTFOUND at submission (EFAULT from the calls that return NULL);
+ * initarg must be NULL, in the arena, or in a loaded object's static data
+ * (else EINVAL). start = 0 reads PROCPOOL_START ("fork" | "spawn"). */
 PP_API pp_pool *pp_pool_new(const pp_options *opts);
 /* No more submissions; queued work still runs. Idempotent. */
 PP_API int pp_close(pp_pool *pool);

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs the library into a scratch prefix and builds an outside program
 # against it exactly as a user would: through pkg-config, and through CMake's
-# find_package. Then runs both.
+# find_package. Then runs both (the first also under the spawn start method,
+# linked to the shared and to the static library).
 set -e
 top=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d)
@@ -15,6 +16,15 @@ export PKG_CONFIG_PATH="$libdir"
 cc -std=c11 -Wall -Wextra -Werror -o "$tmp/outside" "$top/tests/outside/outside.c" \
    $(pkg-config --cflags --libs procpool) -Wl,-rpath,"$(dirname "$libdir")"
 "$tmp/outside"
+PROCPOOL_START=spawn "$tmp/outside" # workers from a fresh run of the program
+# Linked statically: the library's spawn entry is linked in all the same.
+# What the archive needs (threads, dl, and MPI when the backend is built in)
+# comes from pkg-config --static; the archive itself by name, not -lprocpool
+# (that would pick the shared library).
+private=$(pkg-config --static --libs procpool | sed 's/-lprocpool\( \|$\)/ /')
+cc -std=c11 -Wall -Wextra -Werror -o "$tmp/outside-static" "$top/tests/outside/outside.c" \
+   $(pkg-config --cflags procpool) "$(dirname "$libdir")/libprocpool.a" $private
+PROCPOOL_START=spawn "$tmp/outside-static"
 mkdir -p "$tmp/cm"
 cat >"$tmp/cm/CMakeLists.txt" <<CM
 cmake_minimum_required(VERSION 3.20)

@@ -54,7 +54,7 @@ static pp_async *submit_async(pp_pool *pool, pp_fn *fn, const void *args, size_t
     pthread_mutex_unlock(&pool->mu);
     if (rc < 0) {
         free(job);
-        errno = rc == PP_ECLOSED ? ESHUTDOWN : ECHILD;
+        errno = pp__submit_errno(rc);
         return NULL;
     }
     return a;

@@ -321,7 +321,7 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
     size_t need = aspan + (res_direct ? 0 : round16(rbytes) + PP_GUARD);
 
     struct pp_dealt *d = &w->dealt[i];
-    *d = (struct pp_dealt){.piece = *p};
+    *d = (struct pp_dealt){.piece = *p, .posted_ns = pool->pump_ns};
     unsigned char *buf = s->inl[i];
     if (need > sizeof s->inl[i]) {
         if (pp__payload_alloc(&pool->payload, need, &d->extent) < 0)
@@ -343,7 +343,7 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
 
     struct pp_desc *desc = &s->in[i];
     desc->count = p->count;
-    desc->fn = (uint64_t)(uintptr_t)job->fn;
+    desc->fn = job->fncode;
     desc->args = (uint64_t)(uintptr_t)args;
     desc->results = (uint64_t)(uintptr_t)d->res_addr;
     desc->arg_size = job->arg_size;
@@ -414,6 +414,23 @@ static void deal(pp_pool *pool)
 
 /* Takes back the newest unclaimed entry of the busiest worker, for an idle
  * one. Only entries the worker has not claimed can be taken (CAS). */
+/* A worker whose only entry has waited PP_UNCLAIMED_NS unclaimed is not
+ * running (stopped, or starved): the entry may go to an idle worker. Its
+ * state word says whether it was claimed; the CAS in withdraw_one decides. */
+static bool lone_unclaimed(pp_pool *pool, int id)
+{
+    struct pp_worker *w = &pool->w[id];
+    if (pending(w) != 1)
+        return false;
+    for (uint32_t pos = w->retired; pos != w->tail; pos++) {
+        struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+        if (!d->done && !d->withdrawn)
+            return pool->pump_ns - d->posted_ns > PP_UNCLAIMED_NS &&
+                   atomic_load(&pool->ctl->slot[id].in[pos & PP_RING_MASK].state) == PP_DESC_POSTED;
+    }
+    return false;
+}
+
 static bool withdraw_one(pp_pool *pool, int idle)
 {
     int victim = -1;
@@ -423,6 +440,11 @@ static bool withdraw_one(pp_pool *pool, int idle)
             most = pending(&pool->w[id]);
             victim = id;
         }
+    /* Every other worker holds one entry: it is running it, unless it never
+     * took it. */
+    for (int id = 0; victim < 0 && id < pool->nworkers; id++)
+        if (id != idle && pool->w[id].state == PP_WS_READY && lone_unclaimed(pool, id))
+            victim = id;
     if (victim < 0)
         return false;
     struct pp_worker *w = &pool->w[victim];
@@ -553,18 +575,22 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
             pp__release_abandoned(pool, d);
     } else if (m->kind == PP_MSG_DONE) {
         settle_done(pool, w, d);
-    } else if (m->kind == PP_MSG_FAIL && m->item < d->piece.count &&
+    } else if ((m->kind == PP_MSG_FAIL || m->kind == PP_MSG_NOTFOUND) && m->item < d->piece.count &&
                (d->nfail == 0 || m->item > d->last_fail)) {
         char text[PP_MSG_TEXT];
         memcpy(text, m->text, sizeof text);
         text[sizeof text - 1] = '\0';
-        d->nfail++;
-        d->last_fail = m->item;
-        /* A failed item's slot is left as it was: copy what precedes it. */
-        pp__copy_out(d, d->copied, m->item, d->res_addr);
-        d->copied = m->item + 1;
-        pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + m->item, PP_ETASK, m->status,
-                         text);
+        /* NOTFOUND fails the rest of the chunk (our count, not the worker's). */
+        uint32_t last = m->kind == PP_MSG_FAIL ? m->item : d->piece.count - 1;
+        for (uint32_t item = m->item; item <= last; item++) {
+            d->nfail++;
+            d->last_fail = item;
+            /* A failed item's slot is left as it was: copy what precedes it. */
+            pp__copy_out(d, d->copied, item, d->res_addr);
+            d->copied = item + 1;
+            pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + item,
+                             m->kind == PP_MSG_FAIL ? PP_ETASK : PP_ENOTFOUND, m->status, text);
+        }
     }
 }
 
@@ -851,6 +877,7 @@ void pp__pump(pp_pool *pool)
     /* The zygote's socket is read when poll() saw it readable, and now and
      * then while the pool is too busy to poll: no system call per pump. */
     int64_t now = pp__now_ns();
+    pool->pump_ns = now;
     if (pool->zygote_said || now - pool->zygote_checked > PP_ZYGOTE_CHECK_NS) {
         if (!pool->zygote_said)
             pp__zygote_keep_running(pool);

@@ -406,7 +406,7 @@ static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, pp_source *source, void *stat
             free(job);
             free(it);
         }
-        errno = rc == PP_ECLOSED ? ESHUTDOWN : rc == PP_ESPAWN ? ECHILD : -rc;
+        errno = pp__submit_errno(rc);
         return NULL;
     }
     return it;

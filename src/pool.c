@@ -17,6 +17,7 @@
 #include "iter.h"
 #include "pool.h"
 #include "shm.h"
+#include "spawn_method.h"
 #include "zygote.h"
 
 #include <errno.h>
@@ -48,6 +49,7 @@ struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, 
     job->extra = extra ? (unsigned char *)job + head : NULL;
     job->pool = pool;
     job->fn = fn;
+    job->fncode = (uint64_t)(uintptr_t)fn;
     job->n = n;
     job->arg_size = arg_size;
     job->result_size = result_size;
@@ -95,6 +97,36 @@ int pp__check_submit(pp_pool *pool)
     if (pool->broken)
         return PP_ESPAWN;
     return 0;
+}
+
+/* Spawn: names the job's function as the workers will find it; mu held.
+ * A loop submitting the same function encodes it once. */
+static int encode_fn(pp_pool *pool, struct pp_job *job)
+{
+    if (job->fn == pool->last_fn && pool->last_fn != NULL) {
+        job->fncode = pool->last_code;
+        return 0;
+    }
+    int rc = pp__spawn_encode(pool->objects, job->fn, &job->fncode);
+    if (rc < 0)
+        return rc;
+    pool->last_fn = job->fn;
+    pool->last_code = job->fncode;
+    return 0;
+}
+
+int pp__submit_errno(int rc)
+{
+    switch (rc) {
+    case PP_ECLOSED:
+        return ESHUTDOWN;
+    case PP_ESPAWN:
+        return ECHILD;
+    case PP_ENOTFOUND:
+        return EFAULT;
+    default:
+        return rc < 0 && rc > -4096 ? -rc : EINVAL;
+    }
 }
 
 /* ---- waiting ---------------------------------------------------------------- */
@@ -321,8 +353,6 @@ static int check_options(const pp_options *o)
         return -EINVAL;
     if (o->backend != PP_BACKEND_LOCAL && o->backend != PP_BACKEND_MPI)
         return -EINVAL;
-    if (o->start == PP_START_SPAWN)
-        return -ENOTSUP; /* not built yet: see the spawn issue */
     return 0;
 }
 
@@ -374,7 +404,10 @@ static int start_workers(pp_pool *pool)
         .soft_timeout_ns = (int64_t)(pool->opts.task_soft_timeout * 1e9),
     };
     fflush(NULL); /* what the caller buffered must not be written again by a child */
-    int rc = pp__zygote_start(&pool->cfg, pool->nworkers, &pool->zygote, &pool->zsock);
+    int rc = pool->spawned
+                 ? pp__spawn_start(&pool->cfg, pool->nworkers, pool->ctl_fd, pool->map_bytes,
+                                   &pool->objects, &pool->zygote, &pool->zsock)
+                 : pp__zygote_start(&pool->cfg, pool->nworkers, &pool->zygote, &pool->zsock);
     if (rc < 0)
         return rc;
     pthread_mutex_lock(&pool->mu);
@@ -388,10 +421,29 @@ static int start_workers(pp_pool *pool)
     return failed ? -ECHILD : 0;
 }
 
+/* PROCPOOL_START: the start method of pools that do not choose one, as
+ * Python's set_start_method. 0, or -EINVAL for a value it does not know. */
+static int default_start(int *start)
+{
+    const char *v = getenv("PROCPOOL_START");
+    if (v == NULL || *v == '\0' || strcmp(v, "fork") == 0)
+        return 0;
+    if (strcmp(v, "spawn") != 0)
+        return -EINVAL;
+    *start = PP_START_SPAWN;
+    return 0;
+}
+
 PP_API pp_pool *pp_pool_new(const pp_options *opts)
 {
     pp_options o = opts ? *opts : (pp_options){0};
-    int rc = check_options(&o);
+    if (pp__spawn_booting()) {
+        errno = EBUSY; /* a constructor, in a process spawned for a pool */
+        return NULL;
+    }
+    int rc = o.start == PP_START_FORK ? default_start(&o.start) : 0;
+    if (rc == 0)
+        rc = check_options(&o);
     if (rc < 0) {
         errno = -rc;
         return NULL;
@@ -424,6 +476,7 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
     pool->opts = o;
     pool->nworkers = remote ? 0 : o.workers;
     pool->mpi = mpi;
+    pool->spawned = !remote && o.start == PP_START_SPAWN;
     pool->busy_poll_ns = PP_BUSY_POLL_NS;
     uint64_t seed = 0x9e3779b97f4a7c15ull ^ (uint64_t)pp__now_ns() ^ ((uint64_t)getpid() << 32);
     for (size_t i = 0; i < PP_GUARD; i++) { /* a pattern no task writes by chance */
@@ -475,7 +528,7 @@ fail:
     pthread_cond_destroy(&pool->cond);
     pthread_cond_destroy(&pool->thread_cond);
     free(pool);
-    errno = -rc;
+    errno = pp__submit_errno(rc);
     return NULL;
 }
 
@@ -498,6 +551,8 @@ static int run_blocking(pp_pool *pool, struct pp_job *job, pp_error *err)
 {
     pthread_mutex_lock(&pool->mu);
     int rc = pp__check_submit(pool);
+    if (rc == 0 && pool->spawned)
+        rc = encode_fn(pool, job);
     if (rc < 0) {
         pthread_mutex_unlock(&pool->mu);
         free(job);
@@ -557,6 +612,8 @@ PP_API int pp_apply(pp_pool *pool, pp_fn *fn, const void *arg, size_t arg_size, 
 int pp__submit(pp_pool *pool, struct pp_job *job)
 {
     int rc = pp__check_submit(pool);
+    if (rc == 0 && pool->spawned)
+        rc = encode_fn(pool, job);
     if (rc < 0)
         return rc;
     job_attach(pool, job);
@@ -705,6 +762,8 @@ static void release_resources(pp_pool *pool)
         munmap(pool->ctl, pool->map_bytes);
     if (pool->ctl_fd >= 0)
         close(pool->ctl_fd);
+    pp__spawn_release(pool->objects);
+    pool->objects = NULL;
     pool->zsock = pool->wake_fd = pool->ctl_fd = -1;
     pool->ctl = NULL;
     pp__payload_destroy(&pool->payload);

@@ -23,7 +23,8 @@ struct pp_mpi;
 struct pp_job {
     pp_pool *pool;
     pp_fn *fn;
-    size_t n; /* items; grows for a source-fed iterator */
+    uint64_t fncode; /* what descriptors carry: fn, or its PP_FN_CODE (spawn) */
+    size_t n;        /* items; grows for a source-fed iterator */
     size_t arg_size, result_size, chunksize;
     const unsigned char *args;        /* item i at args + i * arg_size (map jobs) */
     unsigned char *results;           /* item i at results + i * result_size (map jobs) */
@@ -72,6 +73,7 @@ struct pp_dealt {
     uint32_t nfail;          /* FAIL messages seen */
     uint32_t last_fail;      /* item of the last FAIL */
     uint32_t copied;         /* items before this one were copied out or skipped */
+    int64_t posted_ns;       /* when it was dealt (the pump's clock) */
     bool results_in_place;   /* the worker wrote results straight to the caller */
     unsigned char *canary;   /* after the results in our payload, or NULL */
     unsigned char *res_addr; /* where the worker wrote them */
@@ -128,6 +130,10 @@ struct pp_pool {
     unsigned char guard[PP_GUARD]; /* written after each chunk's results in payload */
     int64_t busy_poll_ns;          /* how long a poller sleeps now while workers hold work */
     int cancels;                   /* workers in a cancel grace period */
+    bool spawned;                  /* PP_START_SPAWN: descriptors carry PP_FN_CODEs */
+    struct pp_objtab *objects;     /* spawn: the objects those codes name */
+    pp_fn *last_fn;                /* spawn: the last function encoded, */
+    uint64_t last_code;            /* and its code */
 
     struct pp_job *qhead, *qtail; /* jobs with undealt items, oldest first */
     struct pp_retry retry;
@@ -146,6 +152,7 @@ struct pp_pool {
     int waiters;               /* threads inside pp__wait */
     bool zygote_said;          /* poll() saw the zygote socket readable */
     int64_t zygote_checked;    /* when pp__on_zygote last read it */
+    int64_t pump_ns;           /* when the current pump began */
     bool progress;             /* the current pump resolved something */
     pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
@@ -156,6 +163,7 @@ struct pp_pool {
 
 #define PP_CRASH_LOOP_LIMIT  8          /* deaths in a row with no chunk finished between */
 #define PP_CANCEL_GRACE_NS   100000000  /* a cancelled task's time to return by itself */
+#define PP_UNCLAIMED_NS      50000000   /* a lone entry no worker took: dealt again (balance) */
 #define PP_BUSY_POLL_NS      1000000    /* a poller's first sleep while workers hold work */
 #define PP_BUSY_POLL_MAX_NS  64000000   /* and its longest, when nothing wakes it */
 #define PP_JOIN_GRACE_NS     1000000000 /* join's wait for a worker before it kills it */
@@ -220,6 +228,7 @@ void pp__job_unref(struct pp_job *job);                     /* mu held: drops on
 void pp__job_maybe_free(struct pp_job *job);                /* mu held: frees it if unreferenced */
 int pp__check_submit(pp_pool *pool);                        /* 0, PP_ECLOSED or PP_ESPAWN */
 int pp__submit(pp_pool *pool, struct pp_job *job);          /* mu held: queue it, deal */
+int pp__submit_errno(int rc);         /* errno for a constructor whose submission failed with rc */
 void pp__handle_gone(pp_pool *pool);  /* mu held: a pp_async/pp_iter was freed */
 bool pp__pool_dead(pp_pool *pool);    /* freed, and no handle left */
 void pp__pool_destroy(pp_pool *pool); /* frees the struct itself */

@@ -45,7 +45,8 @@ enum pp_desc_state {
 struct pp_desc {
     _Atomic uint32_t state;
     uint32_t count;   /* items in the chunk */
-    uint64_t fn;      /* pp_fn address (same in every forked process) */
+    uint64_t fn;      /* fork: the pp_fn address (same in every forked process);
+                         spawn: PP_FN_CODE(object index, offset), see spawn_method.h */
     uint64_t args;    /* address of the first argument */
     uint64_t results; /* address of the first result */
     uint64_t arg_size;
@@ -53,8 +54,10 @@ struct pp_desc {
 };
 
 enum pp_msg_kind {
-    PP_MSG_DONE = 1, /* the whole chunk at inbox position `seq` has run */
-    PP_MSG_FAIL = 2, /* item `item` of that chunk returned non-zero `status` */
+    PP_MSG_DONE = 1,     /* the whole chunk at inbox position `seq` has run */
+    PP_MSG_FAIL = 2,     /* item `item` of that chunk returned non-zero `status` */
+    PP_MSG_NOTFOUND = 3, /* items `item` to the chunk's end: its function names nothing
+                            here (spawn) */
 };
 
 struct pp_msg {

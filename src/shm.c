@@ -387,6 +387,48 @@ int pp__shm_fd(void)
     return atomic_load_explicit(&g_base, memory_order_acquire) ? g_fd : -1;
 }
 
+size_t pp__shm_region(void **base)
+{
+    *base = atomic_load_explicit(&g_base, memory_order_acquire);
+    return *base ? g_size : 0;
+}
+
+int pp__map_at(void *addr, size_t size, int fd)
+{
+    int flags = MAP_SHARED | MAP_NORESERVE;
+    void *m = mmap(addr, size, PROT_READ | PROT_WRITE, flags | MAP_FIXED_NOREPLACE, fd, 0);
+    if (m == MAP_FAILED && errno != EEXIST) /* a system that refuses the flag: a hint */
+        m = mmap(addr, size, PROT_READ | PROT_WRITE, flags, fd, 0);
+    if (m == MAP_FAILED)
+        return -errno;
+    if (m != addr) { /* the hint was not taken: something is there */
+        munmap(m, size);
+        return -EEXIST;
+    }
+    return 0;
+}
+
+int pp__shm_adopt(int fd, void *addr, size_t size)
+{
+    int rc = 0;
+    pthread_mutex_lock(&g_init);
+    if (atomic_load_explicit(&g_base, memory_order_acquire)) {
+        rc = -EBUSY;
+    } else if ((rc = pp__map_at(addr, size, fd)) == 0) {
+        void *m = addr;
+        if (((struct arena *)m)->magic != ARENA_MAGIC || ((struct arena *)m)->size != size) {
+            munmap(m, size);
+            rc = -EINVAL;
+        } else {
+            g_size = size;
+            g_fd = fd;
+            atomic_store_explicit(&g_base, (char *)m, memory_order_release);
+        }
+    }
+    pthread_mutex_unlock(&g_init);
+    return rc;
+}
+
 /* Zeroed shared memory (see procpool.h). Any process of the family, any
  * thread. Sizes up to 2 KiB come from size classes (16-byte aligned), larger
  * ones are whole pages (page-aligned). NULL with errno EINVAL (size 0) or

@@ -11,6 +11,8 @@
  */
 #include "worker.h"
 
+#include "spawn_method.h"
+
 #include "procpool.h"
 
 #include <sched.h>
@@ -110,9 +112,8 @@ static void post(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t ki
 }
 
 static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const struct pp_desc *d,
-                     uint32_t seq, uint32_t i)
+                     pp_fn *fn, uint32_t seq, uint32_t i)
 {
-    pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
     const unsigned char *arg = (const unsigned char *)(uintptr_t)d->args + i * d->arg_size;
     unsigned char *res = (unsigned char *)(uintptr_t)d->results + i * d->result_size;
 
@@ -155,8 +156,17 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
     }
     if (d->result_size) /* every result starts as zero bytes; one memset per chunk */
         memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
-    for (uint32_t i = 0; i < d->count; i++)
-        run_item(cfg, s, d, head, i);
+    pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
+    if (cfg->objects != NULL && (fn = pp__spawn_resolve(cfg->objects, d->fn)) == NULL) {
+        /* Nothing to run: one message fails every item of the chunk (the
+         * parent knows how many; a scribbled count cannot make us loop),
+         * and the worker goes on. */
+        post(cfg, s, PP_MSG_NOTFOUND, head, 0, 0,
+             "the task's function cannot be found in the spawned worker");
+    } else {
+        for (uint32_t i = 0; i < d->count; i++)
+            run_item(cfg, s, d, fn, head, i);
+    }
     post(cfg, s, PP_MSG_DONE, head, d->count, 0, NULL);
     atomic_store_explicit(&s->busy, 0, memory_order_release);
     atomic_store_explicit(&s->stop, 0, memory_order_relaxed);

@@ -10,6 +10,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+struct pp_objtab;
+
 struct pp_worker_cfg {
     struct pp_ctl *ctl;
     int wake_fd; /* the parent's eventfd */
@@ -19,6 +21,9 @@ struct pp_worker_cfg {
     unsigned long max_tasks; /* chunks before the worker retires; 0: none */
     size_t max_memory;       /* resident bytes past which it retires; 0: none */
     int64_t soft_timeout_ns; /* pp_task_should_stop() after this; 0: none */
+    /* Spawn: the objects that descriptors' PP_FN_CODEs name (spawn_method.h); NULL
+     * under fork, where descriptors carry addresses. */
+    const struct pp_objtab *objects;
 };
 
 /* Runs worker `id` of `cfg` until it is told to quit or retires. Never

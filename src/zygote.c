@@ -196,6 +196,19 @@ static void watch_children(struct chld_watch *cw)
     cw->fd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
 }
 
+_Noreturn void pp__zygote_serve(const struct pp_worker_cfg *cfg, int nworkers, int sock,
+                                pid_t parent)
+{
+    struct child *kids = calloc((size_t)nworkers, sizeof *kids);
+    if (kids == NULL)
+        _exit(127);
+    signal(SIGINT, SIG_IGN);
+    signal(SIGCHLD, SIG_DFL);
+    struct chld_watch cw;
+    watch_children(&cw);
+    zygote_main(cfg, kids, nworkers, sock, &cw, parent);
+}
+
 int pp__zygote_start(const struct pp_worker_cfg *cfg, int nworkers, pid_t *pid, int *sock)
 {
     int sv[2];

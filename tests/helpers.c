@@ -2,6 +2,9 @@
 #include "helpers.h"
 
 #include <dirent.h>
+#include <procpool.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -118,16 +121,36 @@ bool wait_all_dead(const int *pids, int n, double seconds)
     }
 }
 
+/* In the arena, so that spawned workers share them too; its address
+ * reaches them through the environment, which a spawned zygote inherits. */
 struct shared_flags *shared_flags_new(void)
 {
-    void *p = mmap(NULL, sizeof(struct shared_flags), PROT_READ | PROT_WRITE,
-                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    return p == MAP_FAILED ? NULL : p;
+    struct shared_flags *p = pp_shm_alloc(sizeof *p);
+    if (p != NULL) {
+        char v[32];
+        snprintf(v, sizeof v, "%p", (void *)p);
+        setenv("PP_TEST_FLAGS", v, 1);
+    }
+    *shared_flags_slot() = p;
+    return p;
+}
+
+struct shared_flags **shared_flags_slot(void)
+{
+    static struct shared_flags *p;
+    if (p == NULL) { /* a spawned worker: the flags its parent made */
+        const char *v = getenv("PP_TEST_FLAGS");
+        if (v != NULL)
+            p = (struct shared_flags *)(uintptr_t)strtoull(v, NULL, 16);
+    }
+    return &p;
 }
 
 void shared_flags_free(struct shared_flags *f)
 {
-    munmap(f, sizeof *f);
+    pp_shm_free(f);
+    unsetenv("PP_TEST_FLAGS");
+    *shared_flags_slot() = NULL;
 }
 
 void wait_flag(_Atomic int *flag, int value)
@@ -284,4 +307,45 @@ uint64_t xorshift64(uint64_t *s)
 double slow_factor(void)
 {
     return getenv("PP_VALGRIND") ? 20.0 : 1.0;
+}
+
+/* ---- Pointers a test's tasks read, under spawn too. ---- */
+
+#define TEST_GLOBALS 8
+
+static struct {
+    char name[24];
+    void *p;
+} globals[TEST_GLOBALS];
+
+void **test_global(const char *name)
+{
+    int i = 0;
+    while (i < TEST_GLOBALS && globals[i].name[0] && strcmp(globals[i].name, name) != 0)
+        i++;
+    if (i == TEST_GLOBALS)
+        abort();
+    if (!globals[i].name[0])
+        snprintf(globals[i].name, sizeof globals[i].name, "%s", name);
+    if (globals[i].p == NULL) { /* a spawned worker: what its parent shared */
+        char var[48];
+        snprintf(var, sizeof var, "PP_TEST_GLOBAL_%s", name);
+        const char *v = getenv(var);
+        if (v != NULL)
+            globals[i].p = (void *)(uintptr_t)strtoull(v, NULL, 16);
+    }
+    return &globals[i].p;
+}
+
+void *test_share(const char *name, void *p)
+{
+    char var[48], v[32];
+    snprintf(var, sizeof var, "PP_TEST_GLOBAL_%s", name);
+    snprintf(v, sizeof v, "%p", p);
+    if (p != NULL)
+        setenv(var, v, 1);
+    else
+        unsetenv(var);
+    *test_global(name) = p;
+    return p;
 }

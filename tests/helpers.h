@@ -23,7 +23,19 @@ struct shared_flags {
     _Atomic int pids[64];
 };
 struct shared_flags *shared_flags_new(void);
+/* Where a test keeps its flags: `#define flags (*shared_flags_slot())`. In a
+ * worker of a spawn pool (a fresh process, where the test's globals hold
+ * their initial values) it finds the flags its parent made. */
+struct shared_flags **shared_flags_slot(void);
 void shared_flags_free(struct shared_flags *f);
+
+/* A pointer a test's tasks read, set by the test before it makes a pool:
+ * `#define sh (*(struct shared **)test_global("sh"))`, then
+ * `sh = test_share("sh", pp_shm_alloc(sizeof *sh))`. Workers of a spawn
+ * pool (fresh processes: the test's globals hold their initial values)
+ * find it through the environment, so it must point into the arena. */
+void **test_global(const char *name);
+void *test_share(const char *name, void *p);
 void wait_flag(_Atomic int *flag, int value); /* until *flag >= value */
 
 #endif

@@ -24,17 +24,18 @@ struct shared {
     _Atomic int pid;           /* the last held task's worker */
     _Atomic int pulled;        /* items taken from a source */
 };
-static struct shared *sh;
+#define sh (*(struct shared **)test_global("sh")) /* seen by spawned workers too */
 
 static void setup(void)
 {
-    sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    cr_assert(sh != MAP_FAILED);
+    test_share("sh", pp_shm_alloc(sizeof *sh));
+    cr_assert(sh != NULL);
 }
 
 static void teardown(void)
 {
-    munmap(sh, sizeof *sh);
+    pp_shm_free(sh);
+    test_share("sh", NULL);
 }
 
 enum { MARK, HOLD, FOREVER, UNTIL_STOP };

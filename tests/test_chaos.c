@@ -40,6 +40,8 @@ static size_t N = NMAX;
 static int FAULTS = 200;
 
 struct chaos {
+    size_t n; /* N and FAULTS, for workers that did not run setup (spawn) */
+    int faults;
     _Atomic int gate;         /* strikes so far (items wait on it) */
     _Atomic int stop;         /* the test is over */
     _Atomic int in_task[W];   /* a worker's pid while it runs a task, else 0 */
@@ -49,7 +51,8 @@ struct chaos {
     _Atomic unsigned char started[NMAX];
 };
 
-static struct chaos *C;
+/* In the arena: workers of a spawn pool (PROCPOOL_START=spawn) see it too. */
+#define C (*(struct chaos **)test_global("C"))
 
 static uint64_t expect(uint64_t i)
 {
@@ -79,7 +82,7 @@ static int task(const void *arg, void *result)
     atomic_store(&C->in_task[id], getpid());
     if (atomic_fetch_add(&C->started[i], 1) != 0)
         atomic_store(&C->double_start, 1);
-    wait_gate((int)(i * (uint64_t)(FAULTS + 1) / N));
+    wait_gate((int)(i * (uint64_t)(C->faults + 1) / C->n));
     *(uint64_t *)result = expect(i);
     atomic_store(&C->in_task[id], 0);
     return 0;
@@ -174,8 +177,10 @@ static void setup(void)
         N = NMAX / 10;
         FAULTS = 20;
     }
-    C = shared_alloc(sizeof *C);
+    test_share("C", pp_shm_alloc(sizeof *C));
     cr_assert_not_null(C);
+    C->n = N;
+    C->faults = FAULTS;
     args = malloc(N * sizeof *args);
     for (uint64_t i = 0; i < N; i++)
         args[i] = i;
@@ -183,7 +188,8 @@ static void setup(void)
 
 static void teardown(void)
 {
-    shared_release(C, sizeof *C);
+    pp_shm_free(C);
+    test_share("C", NULL);
     free(args);
 }
 

@@ -4,12 +4,13 @@
 #include <criterion/criterion.h>
 #include <procpool.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 enum { KIND_OK, KIND_KILL, KIND_SEGV, KIND_ABORT, KIND_EXIT, KIND_HANG, KIND_WAIT };
 
@@ -190,5 +191,47 @@ Test(crash, idle_worker_never_waits_behind_busy_one, .init = setup, .fini = tear
     cr_assert_eq(held[0], 2);
     pp_async_free(a);
     pp_async_free(b);
+    pp_pool_free(pool);
+}
+
+static char proc_state(int pid)
+{
+    char path[64], buf[512] = {0};
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 0;
+    size_t len = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[len] = '\0';
+    char *p = strrchr(buf, ')');
+    return p && p[1] == ' ' ? p[2] : 0;
+}
+
+/* A worker stopped (SIGSTOP) while idle claims nothing: what the parent
+ * deals to it is taken back and run by the other worker, and the map ends.
+ * No task_timeout is set, and none could fire: the stopped worker runs no
+ * task. */
+Test(crash, work_dealt_to_a_stopped_idle_worker_runs_elsewhere, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_not_null(pool);
+    int kids[4];
+    cr_assert_eq(live_children_of(pool_zygote(), kids, 4), 2);
+    cr_assert_eq(kill(kids[0], SIGSTOP), 0);
+    while (proc_state(kids[0]) != 'T')
+        usleep(1000); /* polling a condition; the test's .timeout is the deadline */
+    enum { N = 2 };   /* one each: the stopped worker's is its only entry */
+    struct job in[N];
+    int out[N][2];
+    for (int i = 0; i < N; i++)
+        in[i] = (struct job){KIND_OK, i};
+    cr_assert_eq(pp_map(pool, run, in, N, sizeof *in, out, sizeof out[0], 1, NULL), 0);
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(out[i][0], i * 2, "item %d: %d", i, out[i][0]);
+        cr_assert_eq(out[i][1], out[0][1], "item %d ran on worker %d and %d", i, out[0][1],
+                     out[i][1]);
+    }
+    kill(kids[0], SIGCONT);
     pp_pool_free(pool);
 }

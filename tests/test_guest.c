@@ -26,7 +26,7 @@ static int own_pid(const void *arg, void *result)
     return 0;
 }
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 static void setup(void)
 {

@@ -20,7 +20,7 @@
 
 #define W 2
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 static void setup(void)
 {

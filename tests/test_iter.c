@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 static void setup(void)
 {

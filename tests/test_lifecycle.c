@@ -10,7 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 static void setup(void)
 {
@@ -64,7 +64,7 @@ static int report(const void *arg, void *result)
 
 Test(lifecycle, initializer_runs_in_every_worker_first, .timeout = 30)
 {
-    int v = 42;
+    static int v = 42; /* static: crosses to spawned workers too, with its initial value */
     pp_pool *pool =
         pp_pool_new(&(pp_options){.workers = 3, .initializer = init_sets, .initarg = &v});
     cr_assert_not_null(pool);

@@ -21,18 +21,21 @@ struct pd {
     _Atomic int release; /* never set: tasks hold until killed */
 };
 
-static struct pd *S;
+/* In the arena (made here, before the victims fork), so that the victims'
+ * workers see it under spawn too. */
+#define S (*(struct pd **)test_global("S"))
 
 static void setup(void)
 {
-    S = shared_alloc(sizeof *S);
+    test_share("S", pp_shm_alloc(sizeof *S));
     cr_assert_not_null(S);
     cr_assert_eq(prctl(PR_SET_CHILD_SUBREAPER, 1), 0);
 }
 
 static void teardown(void)
 {
-    shared_release(S, sizeof *S);
+    pp_shm_free(S);
+    test_share("S", NULL);
 }
 
 static void sleep_us(long us)
@@ -154,11 +157,10 @@ Test(parent_death, during_terminate, .init = setup, .fini = teardown, .timeout =
     }
 }
 
-static pp_lock *lock;
-
+/* arg: the lock (in the arena: valid in every worker, spawned ones too). */
 static int hold_lock(const void *arg, void *result)
 {
-    (void)arg;
+    pp_lock *lock = *(pp_lock *const *)arg;
     (void)result;
     if (pp_lock_acquire(lock, -1) != 0)
         return 1;
@@ -180,9 +182,9 @@ Test(parent_death, while_a_worker_holds_a_lock, .init = setup, .fini = teardown,
         atomic_store(&S->started, 0);
         pid_t p = th_fork();
         if (p == 0) {
-            lock = pp_lock_new();
+            pp_lock *lock = pp_lock_new();
             pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
-            pp_async *a = pp_apply_async(pool, hold_lock, NULL, 0, 0, NULL, NULL, NULL);
+            pp_async *a = pp_apply_async(pool, hold_lock, &lock, sizeof lock, 0, NULL, NULL, NULL);
             (void)a;
             flag_wait_ge(&S->started, 1);
             atomic_store(&S->phase, 1); /* a worker holds the lock */

@@ -15,7 +15,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 static void setup(void)
 {
@@ -169,11 +169,14 @@ static int work(const void *arg, void *result)
 
 static void crash_loop_ends(int how)
 {
-    static int poison; /* read by the initializer in every worker: set before the pool */
-    poison = how;
+    /* Read by the initializer in every worker: in the arena, so that a
+     * spawned worker sees what was set here (a static would cross with its
+     * initial value). */
+    int *poison = pp_shm_alloc(sizeof *poison);
+    *poison = how;
     atomic_store(&flags->release, 0);
     pp_pool *pool =
-        pp_pool_new(&(pp_options){.workers = 1, .initializer = poisoned_init, .initarg = &poison});
+        pp_pool_new(&(pp_options){.workers = 1, .initializer = poisoned_init, .initarg = poison});
     cr_assert_not_null(pool);
     atomic_store(&flags->release, 1); /* from now on no new worker survives its start */
 
@@ -216,6 +219,7 @@ static void crash_loop_ends(int how)
     pp_close(pool);
     cr_assert_eq(pp_join(pool), 0);
     pp_pool_free(pool);
+    pp_shm_free(poison);
     cr_assert_eq(count_children(), 0, "nothing left behind");
 }
 

@@ -12,7 +12,7 @@
 #include <procpool.h>
 #include <sys/prctl.h>
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 static void setup(void)
 {

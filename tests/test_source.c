@@ -29,7 +29,7 @@ void __sanitizer_purge_allocator(void);
 size_t __sanitizer_get_current_allocated_bytes(void);
 #endif
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 static void setup(void)
 {

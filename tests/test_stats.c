@@ -18,7 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static struct shared_flags *flags;
+#define flags (*shared_flags_slot()) /* seen by spawned workers too */
 
 static void setup(void)
 {

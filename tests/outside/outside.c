@@ -51,7 +51,7 @@ static int source(void *state, void *arg)
 
 int main(void)
 {
-    int zero = 0;
+    static int zero = 0; /* static: crosses to spawned workers too (PROCPOOL_START=spawn) */
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2,
                                               .initializer = init_ok,
                                               .initarg = &zero,
