@@ -202,7 +202,7 @@ static void post_message(struct world *wd, struct input *in)
     m->seq = w->retired + (uint32_t)(int8_t)u8(in) % 8;
     m->item = b & 4 ? u8(in) % 48 : u32(in);
     m->status = (int32_t)u32(in);
-    memset(m->text, 'x', sizeof m->text); /* no terminator */
+    memset(s->out_text[tail & PP_RING_MASK], 'x', PP_MSG_TEXT); /* no terminator */
     atomic_store(&s->out_tail, tail + 1);
 }
 

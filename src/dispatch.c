@@ -565,7 +565,9 @@ static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
     pp__piece_release(pool, &d->piece);
 }
 
-static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *m)
+/* `shared_text` is the message's text in the outbox, read only for failures. */
+static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *m,
+                       const char *shared_text)
 {
     struct pp_dealt *d = lookup(w, m->seq);
     if (d == NULL)
@@ -578,7 +580,7 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
     } else if ((m->kind == PP_MSG_FAIL || m->kind == PP_MSG_NOTFOUND) && m->item < d->piece.count &&
                (d->nfail == 0 || m->item > d->last_fail)) {
         char text[PP_MSG_TEXT];
-        memcpy(text, m->text, sizeof text);
+        memcpy(text, shared_text, sizeof text);
         text[sizeof text - 1] = '\0';
         /* NOTFOUND fails the rest of the chunk (our count, not the worker's). */
         uint32_t last = m->kind == PP_MSG_FAIL ? m->item : d->piece.count - 1;
@@ -631,10 +633,11 @@ bool pp__collect(pp_pool *pool, int id)
     if (tail != w->out_head) {
         pool->progress = true;
         while (w->out_head != tail) {
+            uint32_t i = w->out_head & PP_RING_MASK;
             struct pp_msg m;
-            memcpy(&m, &s->out[w->out_head & PP_RING_MASK], sizeof m);
+            memcpy(&m, &s->out[i], sizeof m);
             w->out_head++;
-            on_message(pool, w, &m);
+            on_message(pool, w, &m, s->out_text[i]);
         }
         atomic_store_explicit(&s->out_head, w->out_head, memory_order_release);
         if (atomic_load(&s->sleeping)) /* it may be waiting for outbox room */

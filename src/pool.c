@@ -242,9 +242,12 @@ static void spin_for_activity(pp_pool *pool)
 {
     pthread_mutex_unlock(&pool->mu);
     int64_t until = pp__now_ns() + PP_SPIN_NS;
-    while (!posted_unlocked(pool) && pp__now_ns() < until)
+    for (unsigned n = 1; !posted_unlocked(pool) && pp__now_ns() < until; n++) {
         for (int i = 0; i < 32; i++)
             pp__cpu_relax();
+        if (n % 8 == 0)
+            sched_yield();
+    }
     pthread_mutex_lock(&pool->mu);
 }
 

@@ -60,12 +60,13 @@ enum pp_msg_kind {
                             here (spawn) */
 };
 
+/* 16 bytes, four to a cache line: the parent reads a DONE without touching
+ * the text, which only FAIL and NOTFOUND carry (in out_text, same index). */
 struct pp_msg {
     uint32_t kind;
     uint32_t seq;  /* inbox position of the chunk */
     uint32_t item; /* index inside the chunk (FAIL) */
     int32_t status;
-    char text[PP_MSG_TEXT];
 };
 
 enum pp_worker_state {
@@ -94,6 +95,7 @@ struct pp_slot {
 
     alignas(PP_CACHELINE) struct pp_desc in[PP_RING];
     alignas(PP_CACHELINE) struct pp_msg out[PP_RING];
+    alignas(PP_CACHELINE) char out_text[PP_RING][PP_MSG_TEXT];
     alignas(PP_CACHELINE) unsigned char inl[PP_RING][PP_INLINE + PP_GUARD];
 };
 

@@ -104,10 +104,10 @@ static void post(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t ki
     m->seq = seq;
     m->item = item;
     m->status = status;
-    if (text != NULL)
-        snprintf(m->text, sizeof m->text, "%s", text);
-    else
-        m->text[0] = '\0';
+    if (kind != PP_MSG_DONE) {
+        char *t = s->out_text[tail & PP_RING_MASK];
+        snprintf(t, PP_MSG_TEXT, "%s", text != NULL ? text : "");
+    }
     atomic_store_explicit(&s->out_tail, tail + 1, memory_order_release);
 }
 

@@ -126,7 +126,8 @@ static int hostile(const void *arg, void *result)
             m->seq = seq + (uint32_t)((x >> 8) % 9) - 4; /* near the truth */
             m->item = (uint32_t)(x >> 16) % 3 ? (uint32_t)((x >> 20) % 40) : (uint32_t)x;
             m->status = (int32_t)(x >> 32);
-            memset(m->text, 'A' + k % 26, sizeof m->text); /* no terminating NUL */
+            memset(s->out_text[(tail + k) & PP_RING_MASK], 'A' + k % 26,
+                   PP_MSG_TEXT); /* no terminating NUL */
         }
         atomic_store(&s->out_tail, tail + 40);
         atomic_store(&s->cur_item, (uint32_t)xorshift64(&rng));
