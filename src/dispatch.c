@@ -906,6 +906,6 @@ void pp__pump(pp_pool *pool)
     /* Whoever waits for what we just resolved may be asleep in poll(). */
     if (pool->progress) {
         pool->progress = false;
-        pp__notify(pool);
+        pp__notify_progress(pool);
     }
 }

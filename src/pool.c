@@ -146,6 +146,19 @@ void pp__notify(pp_pool *pool)
     }
 }
 
+/* The library thread polling in the background waits for nothing in
+ * particular (pp__wake_thread wakes it for callbacks; workers wake it when
+ * their inboxes run low), so what another thread's pump resolved is no
+ * reason to wake it: while a caller submits in a loop, that spares an
+ * eventfd write and two context switches per submission. */
+void pp__notify_progress(pp_pool *pool)
+{
+    if (pool->poller && pool->poller_is_background)
+        pthread_cond_broadcast(&pool->cond);
+    else
+        pp__notify(pool);
+}
+
 void pp__wake_thread(pp_pool *pool)
 {
     uint64_t one = 1;
