@@ -106,13 +106,9 @@ PP_API int pp_async_get(pp_async *a, void *result, double timeout, pp_error *err
     size_t rbytes = job->n * job->result_size;
     if (rbytes != 0)
         memcpy(result, job->results, rbytes);
-    if (err != NULL) {
-        if (job->nfailed)
-            *err = job->err;
-        else
-            memset(err, 0, sizeof *err);
-    }
-    return job->nfailed ? job->err.code : 0;
+    if (err != NULL)
+        pp__job_error(job, err);
+    return job->nfailed ? job->err_code : 0;
 }
 
 PP_API bool pp_async_ready(pp_async *a)

@@ -71,9 +71,14 @@ void pp__resolve_fail(struct pp_job *job, struct pp_chunkrec *rec, size_t index,
     snprintf(e.message, sizeof e.message, "%s", text ? text : pp_strerror(code));
     job->resolved++;
     job->nfailed++;
-    if (job->nfailed == 1 || index < job->err.index)
-        job->err = e;
-    job->err.failed = job->nfailed;
+    if (job->nfailed == 1 || index < job->err_index) {
+        job->err_code = code;
+        job->err_index = index;
+        if (job->err == NULL)
+            job->err = malloc(sizeof *job->err);
+        if (job->err != NULL)
+            *job->err = e;
+    }
     count_failure(job->pool, code);
     if (rec != NULL)
         pp__iter_fail(rec, index, &e);
@@ -105,7 +110,6 @@ void pp__fail_piece(struct pp_piece *p, uint32_t already, int code, const char *
     pp__resolve_fail(job, NULL, p->start, code, 0, why);
     job->resolved += left - 1;
     job->nfailed += left - 1;
-    job->err.failed = job->nfailed;
     for (size_t i = 1; i < left; i++)
         count_failure(job->pool, code);
 }

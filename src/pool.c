@@ -81,7 +81,25 @@ void pp__job_maybe_free(struct pp_job *job)
     }
     free(job->owned_args);
     free(job->owned_results);
+    free(job->err);
     free(job);
+}
+
+void pp__job_error(const struct pp_job *job, pp_error *out)
+{
+    if (job->nfailed == 0) {
+        memset(out, 0, sizeof *out);
+        return;
+    }
+    if (job->err != NULL) {
+        *out = *job->err;
+    } else {
+        *out = (pp_error){.code = job->err_code, .index = job->err_index};
+        snprintf(out->message, sizeof out->message, "%s", pp_strerror(job->err_code));
+    }
+    out->code = job->err_code;
+    out->index = job->err_index;
+    out->failed = job->nfailed;
 }
 
 void pp__job_unref(struct pp_job *job)
@@ -321,8 +339,11 @@ void pp__run_callbacks(pp_pool *pool)
             pthread_mutex_unlock(&pool->mu);
             if (job->nfailed == 0 && job->callback)
                 job->callback(job->results, job->userdata);
-            else if (job->nfailed != 0 && job->error_callback)
-                job->error_callback(&job->err, job->userdata);
+            else if (job->nfailed != 0 && job->error_callback) {
+                pp_error e;
+                pp__job_error(job, &e);
+                job->error_callback(&e, job->userdata);
+            }
             pthread_mutex_lock(&pool->mu);
             job->in_callbacks = false;
         }
@@ -580,13 +601,9 @@ static int run_blocking(pp_pool *pool, struct pp_job *job, pp_error *err)
     else
         pp__enqueue(pool, job);
     pp__wait(pool, job_ready, job, PP_FOREVER);
-    rc = job->nfailed ? job->err.code : 0;
-    if (err != NULL) {
-        if (job->nfailed)
-            *err = job->err;
-        else
-            memset(err, 0, sizeof *err);
-    }
+    rc = job->nfailed ? job->err_code : 0;
+    if (err != NULL)
+        pp__job_error(job, err);
     pp__job_unref(job);
     pthread_mutex_unlock(&pool->mu);
     return rc;

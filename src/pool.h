@@ -33,7 +33,13 @@ struct pp_job {
     size_t next;                      /* first item not yet dealt (map jobs) */
     size_t resolved;                  /* items finished, either way */
     size_t nfailed;
-    pp_error err;      /* the lowest-index failure */
+    /* The lowest-index failure: its code and index here, the whole record
+     * (status, message) allocated at the first failure, so that a job, of
+     * which a caller may hold hundreds of thousands, stays small. NULL if
+     * that allocation failed: pp__job_error then writes a generic message. */
+    int err_code;
+    size_t err_index;
+    pp_error *err;
     bool complete;     /* every item resolved */
     bool ready;        /* complete and its callbacks returned */
     bool cancelled;    /* nothing more of it is dealt */
@@ -225,10 +231,12 @@ void pp__notify_progress(pp_pool *pool); /* the same, after a pump resolved some
 void pp__run_callbacks(pp_pool *pool);
 struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
                            size_t chunksize, size_t extra); /* extra: trailing bytes */
-void pp__job_unref(struct pp_job *job);                     /* mu held: drops one ref */
-void pp__job_maybe_free(struct pp_job *job);                /* mu held: frees it if unreferenced */
-int pp__check_submit(pp_pool *pool);                        /* 0, PP_ECLOSED or PP_ESPAWN */
-int pp__submit(pp_pool *pool, struct pp_job *job);          /* mu held: queue it, deal */
+void pp__job_unref(struct pp_job *job);
+/* Writes the job's lowest-index failure to `out` (zeroes if none). */
+void pp__job_error(const struct pp_job *job, pp_error *out); /* mu held: drops one ref */
+void pp__job_maybe_free(struct pp_job *job);                 /* mu held: frees it if unreferenced */
+int pp__check_submit(pp_pool *pool);                         /* 0, PP_ECLOSED or PP_ESPAWN */
+int pp__submit(pp_pool *pool, struct pp_job *job);           /* mu held: queue it, deal */
 int pp__submit_errno(int rc);         /* errno for a constructor whose submission failed with rc */
 void pp__handle_gone(pp_pool *pool);  /* mu held: a pp_async/pp_iter was freed */
 bool pp__pool_dead(pp_pool *pool);    /* freed, and no handle left */
