@@ -885,6 +885,8 @@ void pp__pump(pp_pool *pool)
      * then while the pool is too busy to poll: no system call per pump. */
     int64_t now = pp__now_ns();
     pool->pump_ns = now;
+    if (!pool->thread_started || !pthread_equal(pthread_self(), pool->thread))
+        pool->caller_pump_ns = now;
     if (pool->zygote_said || now - pool->zygote_checked > PP_ZYGOTE_CHECK_NS) {
         if (!pool->zygote_said)
             pp__zygote_keep_running(pool);

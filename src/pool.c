@@ -360,18 +360,29 @@ static void *library_thread(void *arg)
     pp_pool *pool = arg;
     pthread_mutex_lock(&pool->mu);
     while (!pool->thread_stop) {
-        pp__pump(pool);
         if (pool->cbhead != NULL) {
             pp__run_callbacks(pool);
             continue;
         }
-        if (!pool->poller && pool->waiters == 0) {
-            pool->poller_is_background = true;
-            poll_for_pool(pool, pp__poll_until(pool));
-            pool->poller_is_background = false;
-        } else {
-            pthread_cond_wait(&pool->thread_cond, &pool->mu);
+        if (pool->poller || pool->waiters != 0) {
+            pthread_cond_wait(&pool->thread_cond, &pool->mu); /* a caller polls */
+            continue;
         }
+        int64_t caller_until = pool->caller_pump_ns + PP_CALLER_ACTIVE_NS;
+        if (pp__now_ns() < caller_until) {
+            /* A caller is pumping (an imap loop, apply_async in a loop):
+             * stay out of its way, and do not ask workers to wake us, which
+             * costs them a system call each; look again when it stops. */
+            cond_wait_until(&pool->thread_cond, &pool->mu, caller_until);
+            continue;
+        }
+        pp__pump(pool);
+        if (pool->cbhead != NULL || pool->thread_stop)
+            continue;
+        pool->poller_is_background = true;
+        poll_for_pool(pool, pp__poll_until(pool));
+        pool->poller_is_background = false;
+        pp__pump(pool); /* what woke us */
     }
     pthread_mutex_unlock(&pool->mu);
     return NULL;
@@ -526,7 +537,7 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&pool->cond, &ca);
-    pthread_cond_init(&pool->thread_cond, NULL);
+    pthread_cond_init(&pool->thread_cond, &ca);
     pthread_condattr_destroy(&ca);
     pool->w = calloc((size_t)o.workers, sizeof *pool->w); /* o.workers > 0 */
     if (pool->w == NULL) {

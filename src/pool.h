@@ -159,6 +159,7 @@ struct pp_pool {
     bool zygote_said;          /* poll() saw the zygote socket readable */
     int64_t zygote_checked;    /* when pp__on_zygote last read it */
     int64_t pump_ns;           /* when the current pump began */
+    int64_t caller_pump_ns;    /* when a thread other than the library thread last pumped */
     bool progress;             /* the current pump resolved something */
     pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
@@ -176,6 +177,7 @@ struct pp_pool {
 #define PP_PIECE_DEATH_LIMIT 3          /* such deaths before its first item is charged */
 #define PP_SPIN_NS           20000      /* how long a waiter spins before it sleeps */
 #define PP_ZYGOTE_CHECK_NS   2000000    /* busy pumps read the zygote at least this often */
+#define PP_CALLER_ACTIVE_NS  1000000 /* a caller that pumped this recently keeps the pool going */
 
 /* dispatch.c: moving work between the books and the rings. */
 void pp__pump(pp_pool *pool); /* collect, supervise, deal */

@@ -140,7 +140,7 @@ static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const s
 /* Runs the entry at `head` if we win it; false if the parent withdrew it. */
 static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t head)
 {
-    struct pp_desc *d = &s->in[head & PP_RING_MASK];
+    struct pp_desc *shared = &s->in[head & PP_RING_MASK];
     if (cfg->timing)
         atomic_store_explicit(&s->item_start, pp__now_ns(), memory_order_release);
     atomic_store_explicit(&s->cur_seq, head, memory_order_relaxed);
@@ -150,10 +150,15 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
      * The parent charges nothing for an entry still POSTED. */
     atomic_store_explicit(&s->busy, 1, memory_order_seq_cst);
     uint32_t expect = PP_DESC_POSTED;
-    if (!atomic_compare_exchange_strong(&d->state, &expect, PP_DESC_CLAIMED)) {
+    if (!atomic_compare_exchange_strong(&shared->state, &expect, PP_DESC_CLAIMED)) {
         atomic_store_explicit(&s->busy, 0, memory_order_release);
         return false;
     }
+    /* Ours now: read it once. A task that scribbles the entry while its
+     * chunk runs changes nothing, and the item loop reads no shared line. */
+    struct pp_desc copy;
+    memcpy(&copy, shared, sizeof copy);
+    const struct pp_desc *d = &copy;
     if (d->result_size) /* every result starts as zero bytes; one memset per chunk */
         memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
     pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
