@@ -342,8 +342,11 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
     if (!res_direct) {
         d->res_addr = buf + aspan;
         d->canary = d->res_addr + round16(rbytes);
-        memcpy(d->canary, pool->guard, PP_GUARD);
+        /* Four cache lines per chunk otherwise: small tasks feel them. */
+        if (buf != s->inl[i] || w->guard_ok[i] != d->canary)
+            memcpy(d->canary, pool->guard, PP_GUARD);
     }
+    w->guard_ok[i] = NULL;
 
     struct pp_desc *desc = &s->in[i];
     desc->count = p->count;
@@ -549,7 +552,10 @@ static bool guard_broken(pp_pool *pool, struct pp_dealt *d)
 static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
 {
     struct pp_job *job = d->piece.job;
+    bool inline_guard = d->canary != NULL && d->extent.p == NULL && !job->complete;
     if (!guard_broken(pool, d)) {
+        if (inline_guard) /* guard_broken compared it just now: intact */
+            w->guard_ok[d - w->dealt] = d->canary;
         pp__copy_out(d, d->copied, d->piece.count, d->res_addr);
         if (job->cancelled) {
             /* It stopped cooperatively (or finished) after it was cancelled. */

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #define DEFAULT_WINDOW_MIN 1024
+#define PUMP_EVERY         16 /* items handed back between pumps while they are ready */
 
 struct ready_item {
     struct pp_chunkrec *rec;
@@ -34,7 +35,8 @@ struct pp_iter {
     size_t array_n;
     size_t window, chunksize;
     size_t taken, returned;
-    size_t undealt; /* items in records not dealt yet */
+    unsigned since_pump; /* items handed back since this iterator last pumped */
+    size_t undealt;      /* items in records not dealt yet */
     bool source_done;
     struct pp_chunkrec *head, *tail;   /* records not fully handed back, in order */
     struct pp_chunkrec *dhead, *dtail; /* records not dealt yet */
@@ -337,6 +339,12 @@ PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout
         if ((rc = refill(it)) < 0)
             break;
         if (item_ready(it)) {
+            /* Items that were ready cost no pump; but the workers meanwhile
+             * drain their inboxes, so keep them fed while we hand back. */
+            if (++it->since_pump >= PUMP_EVERY) {
+                it->since_pump = 0;
+                pp__pump(pool);
+            }
             if (it->ordered) {
                 struct pp_chunkrec *rec = it->head;
                 rc = hand_back(it, rec, (uint32_t)(it->returned - rec->first), result, index, err);

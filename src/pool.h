@@ -108,6 +108,10 @@ struct pp_worker {
     int64_t cancel_at;     /* kill it then if it still runs the cancelled chunk; 0: none */
     uint32_t cancel_seq;   /* the inbox position of that chunk */
     struct pp_dealt dealt[PP_RING];
+    /* Per inline buffer: where a guard was last found intact (by a DONE's
+     * check), so the next chunk of the same shape need not write it again.
+     * Cleared whenever the buffer is posted; NULL: unknown. */
+    unsigned char *guard_ok[PP_RING];
 };
 
 /* A ring of pieces to run before any queued job: remainders after a death

@@ -214,6 +214,42 @@ static int overflow_on_9(const void *arg, void *result)
     return 0;
 }
 
+static int overflow_on_70(const void *arg, void *result)
+{
+    int x = *(const int *)arg;
+    memset(result, 0x5a, x == 70 ? 24 : 4);
+    if (x != 70)
+        *(int *)result = x;
+    return 0;
+}
+
+/* The parent skips rewriting a guard it found intact in the same place:
+ * that must neither miss an overrun in a reused inbox buffer nor report
+ * one after the guard was broken and the buffer is used again. */
+Test(map, overrun_in_a_reused_inline_buffer_is_reported, .timeout = 30)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    enum { N = 100 }; /* more than the 64 entries of an inbox: buffers are reused */
+    int in[N], out[N];
+    for (int i = 0; i < N; i++)
+        in[i] = i;
+    pp_error err;
+    for (int round = 0; round < 2; round++) {
+        cr_assert_eq(pp_map(pool, overflow_on_70, in, N, sizeof(int), out, sizeof(int), 1, &err),
+                     -EOVERFLOW);
+        cr_assert_eq(err.index, 70);
+        cr_assert_eq(err.failed, 1, "only the item that overran fails");
+        for (int i = 0; i < N; i++)
+            if (i != 70)
+                cr_assert_eq(out[i], i);
+        cr_assert_eq(pp_map(pool, square, in, N, sizeof(int), out, sizeof(int), 1, &err), 0,
+                     "round %d: %s", round, err.message);
+        for (int i = 0; i < N; i++)
+            cr_assert_eq(out[i], i * i);
+    }
+    pp_pool_free(pool);
+}
+
 Test(map, writing_past_result_size_is_reported, .timeout = 30)
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
