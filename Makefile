@@ -38,7 +38,7 @@ TSAN       ?= build-tsan
 
 check-valgrind:
 	@./scripts/deps.sh valgrind
-	./scripts/check-valgrind.sh
+	./scripts/check-valgrind.sh $(SUITES)
 
 check-tsan:
 	mkdir -p $(TSAN)

@@ -5,6 +5,14 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 
+/* A test's time limit (Criterion's .timeout). make check-valgrind builds
+ * with a larger scale: under memcheck everything runs 20-50 times slower,
+ * and a test cut short there is a test whose memory was not checked. */
+#ifndef PP_TEST_TIMEOUT_SCALE
+#define PP_TEST_TIMEOUT_SCALE 1
+#endif
+#define PP_TEST_TIMEOUT(seconds) ((seconds)*PP_TEST_TIMEOUT_SCALE)
+
 int count_fds(void);                          /* open fds of this process */
 int count_children(void);                     /* direct children of this process */
 int count_threads(void);                      /* threads of this process */

@@ -77,7 +77,7 @@ static void on_error(const pp_error *err, void *userdata)
     pthread_mutex_unlock(&s->mu);
 }
 
-Test(async, apply_async_callback_runs_before_ready, .timeout = 30)
+Test(async, apply_async_callback_runs_before_ready, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     struct seen s = {.mu = PTHREAD_MUTEX_INITIALIZER};
@@ -99,7 +99,7 @@ Test(async, apply_async_callback_runs_before_ready, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(async, error_callback_gets_the_failure, .timeout = 30)
+Test(async, error_callback_gets_the_failure, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     struct seen s = {.mu = PTHREAD_MUTEX_INITIALIZER};
@@ -119,7 +119,7 @@ Test(async, error_callback_gets_the_failure, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(async, map_async_with_callback, .timeout = 30)
+Test(async, map_async_with_callback, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     enum { N = 1000 };
@@ -142,7 +142,8 @@ Test(async, map_async_with_callback, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(async, wait_and_get_time_out_then_succeed, .init = setup, .fini = teardown, .timeout = 30)
+Test(async, wait_and_get_time_out_then_succeed, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     pp_async *a = pp_apply_async(pool, held, NULL, 0, sizeof(int), NULL, NULL, NULL);
@@ -161,7 +162,7 @@ Test(async, wait_and_get_time_out_then_succeed, .init = setup, .fini = teardown,
     pp_pool_free(pool);
 }
 
-Test(async, many_in_flight_then_get_all, .timeout = 60)
+Test(async, many_in_flight_then_get_all, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     enum { N = 5000 };
@@ -197,7 +198,7 @@ static void callback_calls_pool(const void *result, void *userdata)
     s->calls++;
 }
 
-Test(async, callback_may_call_the_pool, .timeout = 30)
+Test(async, callback_may_call_the_pool, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     struct seen s = {.mu = PTHREAD_MUTEX_INITIALIZER, .pool = pool};
@@ -220,7 +221,8 @@ static void callback_terminates(const void *result, void *userdata)
     s->calls++;
 }
 
-Test(async, callback_may_terminate_the_pool, .init = setup, .fini = teardown, .timeout = 30)
+Test(async, callback_may_terminate_the_pool, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     struct seen s = {.mu = PTHREAD_MUTEX_INITIALIZER, .pool = pool};
@@ -238,7 +240,7 @@ Test(async, callback_may_terminate_the_pool, .init = setup, .fini = teardown, .t
     pp_pool_free(pool);
 }
 
-Test(async, bad_input, .timeout = 30)
+Test(async, bad_input, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int x = 1;
@@ -261,7 +263,8 @@ Test(async, bad_input, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(async, free_before_ready_is_safe, .init = setup, .fini = teardown, .timeout = 30)
+Test(async, free_before_ready_is_safe, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     struct seen s = {.mu = PTHREAD_MUTEX_INITIALIZER};
@@ -295,7 +298,8 @@ static int until_stopped(const void *arg, void *result)
     return 0;
 }
 
-Test(async, cancel_queued_running_and_finished, .init = setup, .fini = teardown, .timeout = 30)
+Test(async, cancel_queued_running_and_finished, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int stubborn = 0, x = 3, r;
@@ -326,7 +330,8 @@ Test(async, cancel_queued_running_and_finished, .init = setup, .fini = teardown,
     pp_pool_free(pool);
 }
 
-Test(async, cancelled_task_may_stop_cooperatively, .init = setup, .fini = teardown, .timeout = 30)
+Test(async, cancelled_task_may_stop_cooperatively, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int cooperative = 1, r;
@@ -352,7 +357,7 @@ static int soft_limited(const void *arg, void *result)
     return 0;
 }
 
-Test(async, soft_timeout_lets_a_task_return_before_the_hard_limit, .timeout = 30)
+Test(async, soft_timeout_lets_a_task_return_before_the_hard_limit, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool =
         pp_pool_new(&(pp_options){.workers = 1, .task_soft_timeout = 0.05, .task_timeout = 10});

@@ -122,7 +122,8 @@ static void on_err(const pp_error *err, void *userdata)
 
 /* ---- pp_async_cancel ------------------------------------------------------ */
 
-Test(cancel, queued_task_never_runs, .init = setup, .fini = teardown, .timeout = 30)
+Test(cancel, queued_task_never_runs, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     cr_assert_not_null(pool);
@@ -168,7 +169,7 @@ Test(cancel, queued_task_never_runs, .init = setup, .fini = teardown, .timeout =
 }
 
 Test(cancel, running_task_kills_and_replaces_its_worker, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     cr_assert_not_null(pool);
@@ -216,7 +217,8 @@ Test(cancel, running_task_kills_and_replaces_its_worker, .init = setup, .fini = 
     pp_pool_free(pool);
 }
 
-Test(cancel, finished_task_is_ealready, .init = setup, .fini = teardown, .timeout = 30)
+Test(cancel, finished_task_is_ealready, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     int mark = MARK;
@@ -238,7 +240,7 @@ Test(cancel, finished_task_is_ealready, .init = setup, .fini = teardown, .timeou
 }
 
 Test(cancel, map_running_item_killed_queued_items_never_run, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     enum { N = 10 };
@@ -272,7 +274,7 @@ Test(cancel, map_running_item_killed_queued_items_never_run, .init = setup, .fin
 }
 
 Test(cancel, chunk_keeps_finished_items_and_drops_the_rest, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     enum { N = 6 };
@@ -335,7 +337,7 @@ static void free_map_while_queued(int n)
 }
 
 Test(cancel, async_free_before_done_cancels_work_in_the_inbox, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     free_map_while_queued(20); /* every item fits the worker's inbox */
 }
@@ -353,12 +355,13 @@ Test(cancel, async_free_before_done_cancels_work_in_the_inbox, .init = setup, .f
  * refuse to free a queued job.
  */
 Test(cancel, async_free_before_done_cancels_work_in_the_queue, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     free_map_while_queued(500); /* most items wait in the pool's queue */
 }
 
-Test(cancel, cancel_then_free_at_once, .init = setup, .fini = teardown, .timeout = 30)
+Test(cancel, cancel_then_free_at_once, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int hold = HOLD;
@@ -402,7 +405,7 @@ static int gen_source(void *state, void *arg)
 }
 
 Test(cancel, iter_free_before_done_cancels_queued_work, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     enum { WINDOW = 16 };
@@ -432,7 +435,7 @@ Test(cancel, iter_free_before_done_cancels_queued_work, .init = setup, .fini = t
 /* ---- the cooperative stop ---------------------------------------------------- */
 
 Test(cancel, should_stop_is_false_outside_a_task_and_in_a_plain_one, .init = setup,
-     .fini = teardown, .timeout = 30)
+     .fini = teardown, .timeout = PP_TEST_TIMEOUT(30))
 {
     cr_assert(!pp_task_should_stop(), "in the parent");
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
@@ -445,7 +448,7 @@ Test(cancel, should_stop_is_false_outside_a_task_and_in_a_plain_one, .init = set
 }
 
 Test(cancel, soft_timeout_lets_a_task_return_cleanly, .init = setup, .fini = teardown,
-     .timeout = 60)
+     .timeout = PP_TEST_TIMEOUT(60))
 {
     /* The hard limit is far away: the task ends because it polled. */
     pp_pool *pool =
@@ -477,7 +480,7 @@ Test(cancel, soft_timeout_lets_a_task_return_cleanly, .init = setup, .fini = tea
 }
 
 Test(cancel, soft_timeout_ignored_then_hard_timeout_kills, .init = setup, .fini = teardown,
-     .timeout = 60)
+     .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool =
         pp_pool_new(&(pp_options){.workers = 1, .task_soft_timeout = 0.1, .task_timeout = 0.5});
@@ -498,7 +501,7 @@ Test(cancel, soft_timeout_ignored_then_hard_timeout_kills, .init = setup, .fini 
  * worker survives, the item still fails PP_ECANCELED).
  */
 Test(cancel, cancel_is_seen_by_should_stop_before_the_kill, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int until_stop = UNTIL_STOP;

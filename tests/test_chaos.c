@@ -350,23 +350,26 @@ static void imap_under(int mode, double timeout, int code)
 
 #define STOP_TIMEOUT 0.25
 
-Test(chaos, map_200k_items_200_sigkills, .init = setup, .fini = teardown, .timeout = 240)
+Test(chaos, map_200k_items_200_sigkills, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(240))
 {
     map_under(MODE_KILL, 0, PP_ECRASH);
 }
 
-Test(chaos, imap_unordered_200k_items_200_sigkills, .init = setup, .fini = teardown, .timeout = 240)
+Test(chaos, imap_unordered_200k_items_200_sigkills, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(240))
 {
     imap_under(MODE_KILL, 0, PP_ECRASH);
 }
 
-Test(chaos, map_200k_items_200_sigstops_time_out, .init = setup, .fini = teardown, .timeout = 240)
+Test(chaos, map_200k_items_200_sigstops_time_out, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(240))
 {
     map_under(MODE_STOP, STOP_TIMEOUT, PP_ETIMEOUT);
 }
 
 Test(chaos, imap_unordered_200k_items_200_sigstops_time_out, .init = setup, .fini = teardown,
-     .timeout = 240)
+     .timeout = PP_TEST_TIMEOUT(240))
 {
     imap_under(MODE_STOP, STOP_TIMEOUT, PP_ETIMEOUT);
 }

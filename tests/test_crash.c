@@ -84,27 +84,27 @@ static void check_death(int kind, int status)
     pp_pool_free(pool);
 }
 
-Test(crash, sigkill_fails_one_item, .timeout = 30)
+Test(crash, sigkill_fails_one_item, .timeout = PP_TEST_TIMEOUT(30))
 {
     check_death(KIND_KILL, SIGKILL);
 }
 
-Test(crash, sigsegv_fails_one_item, .timeout = 30)
+Test(crash, sigsegv_fails_one_item, .timeout = PP_TEST_TIMEOUT(30))
 {
     check_death(KIND_SEGV, SIGSEGV);
 }
 
-Test(crash, abort_fails_one_item, .timeout = 30)
+Test(crash, abort_fails_one_item, .timeout = PP_TEST_TIMEOUT(30))
 {
     check_death(KIND_ABORT, SIGABRT);
 }
 
-Test(crash, exit_fails_one_item, .timeout = 30)
+Test(crash, exit_fails_one_item, .timeout = PP_TEST_TIMEOUT(30))
 {
     check_death(KIND_EXIT, 3);
 }
 
-Test(crash, chunk_keeps_finished_and_reruns_unstarted, .timeout = 30)
+Test(crash, chunk_keeps_finished_and_reruns_unstarted, .timeout = PP_TEST_TIMEOUT(30))
 {
     /* One chunk of 10 items; item 4 kills its worker. Items 0-3 keep their
      * results from the dead worker; items 5-9 run on the replacement. */
@@ -124,7 +124,8 @@ Test(crash, chunk_keeps_finished_and_reruns_unstarted, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(crash, replacement_keeps_worker_id, .init = setup, .fini = teardown, .timeout = 30)
+Test(crash, replacement_keeps_worker_id, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 3});
     for (int round = 0; round < 6; round++) {
@@ -146,7 +147,7 @@ Test(crash, replacement_keeps_worker_id, .init = setup, .fini = teardown, .timeo
     pp_pool_free(pool);
 }
 
-Test(crash, hard_timeout_kills_and_replaces, .timeout = 30)
+Test(crash, hard_timeout_kills_and_replaces, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2, .task_timeout = 0.2});
     struct job in[8];
@@ -168,7 +169,8 @@ Test(crash, hard_timeout_kills_and_replaces, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(crash, idle_worker_never_waits_behind_busy_one, .init = setup, .fini = teardown, .timeout = 30)
+Test(crash, idle_worker_never_waits_behind_busy_one, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     /* Worker A holds a long task; everything queued after it must still run
      * on the other worker, even if it had been dealt to A's inbox. */
@@ -212,7 +214,7 @@ static char proc_state(int pid)
  * deals to it is taken back and run by the other worker, and the map ends.
  * No task_timeout is set, and none could fire: the stopped worker runs no
  * task. */
-Test(crash, work_dealt_to_a_stopped_idle_worker_runs_elsewhere, .timeout = 30)
+Test(crash, work_dealt_to_a_stopped_idle_worker_runs_elsewhere, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     cr_assert_not_null(pool);

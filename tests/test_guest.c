@@ -85,7 +85,7 @@ static void buffered_then_pool(void)
     pp_pool_free(pool);
 }
 
-Test(guest, stdio_buffered_before_fork_appears_once, .timeout = 30)
+Test(guest, stdio_buffered_before_fork_appears_once, .timeout = PP_TEST_TIMEOUT(30))
 {
     char *out = capture_child(buffered_then_pool);
     char *first = strstr(out, "buffered-before-fork;");
@@ -110,7 +110,7 @@ static void task_output(void)
     pp_pool_free(pool);
 }
 
-Test(guest, task_output_is_not_lost, .timeout = 30)
+Test(guest, task_output_is_not_lost, .timeout = PP_TEST_TIMEOUT(30))
 {
     char *out = capture_child(task_output);
     for (int i = 0; i < 4; i++) {
@@ -120,7 +120,7 @@ Test(guest, task_output_is_not_lost, .timeout = 30)
     }
 }
 
-Test(guest, nothing_left_after_free, .timeout = 60)
+Test(guest, nothing_left_after_free, .timeout = PP_TEST_TIMEOUT(60))
 {
     /* The shared arena is the process's, not the pool's: make it first. */
     void *arena = pp_shm_alloc(64);
@@ -143,7 +143,7 @@ Test(guest, nothing_left_after_free, .timeout = 60)
     pp_shm_free(arena);
 }
 
-Test(guest, installs_no_signal_handler, .timeout = 30)
+Test(guest, installs_no_signal_handler, .timeout = PP_TEST_TIMEOUT(30))
 {
     struct sigaction before[65], after;
     for (int sig = 1; sig < 65; sig++)
@@ -173,7 +173,7 @@ static int blocked_signals(const void *arg, void *result)
     return 0;
 }
 
-Test(guest, tasks_run_with_the_callers_signal_mask, .timeout = 30)
+Test(guest, tasks_run_with_the_callers_signal_mask, .timeout = PP_TEST_TIMEOUT(30))
 {
     sigset_t usr1, old;
     sigemptyset(&usr1);
@@ -205,7 +205,8 @@ static void wait_for_pids(int parent, int *pids, int *n)
         pids[(*n)++] = w[i];
 }
 
-Test(guest, workers_die_with_a_killed_parent, .init = setup, .fini = teardown, .timeout = 30)
+Test(guest, workers_die_with_a_killed_parent, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pid_t child = fork();
     if (child == 0) {
@@ -223,7 +224,8 @@ Test(guest, workers_die_with_a_killed_parent, .init = setup, .fini = teardown, .
     cr_assert(wait_all_dead(pids, n, 1.0), "a process of the pool outlived its parent by 1 s");
 }
 
-Test(guest, sigint_to_workers_is_ignored, .init = setup, .fini = teardown, .timeout = 30)
+Test(guest, sigint_to_workers_is_ignored, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     int pids[2];
@@ -269,7 +271,7 @@ static int fork_and_block(const void *arg, void *result)
 }
 
 Test(guest, terminate_ends_a_stubborn_task_and_its_children, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     pp_async *a = pp_apply_async(pool, fork_and_block, NULL, 0, 0, NULL, NULL, NULL);

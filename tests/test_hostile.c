@@ -229,12 +229,13 @@ static void storm(int what, int rounds)
 }
 
 Test(hostile, task_scribbles_whole_control_block_once, .init = setup, .fini = teardown,
-     .timeout = 120)
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     storm(DO_SCRIBBLE_ALL_ONCE, 24);
 }
 
-Test(hostile, task_scribbles_its_own_slot_once, .init = setup, .fini = teardown, .timeout = 120)
+Test(hostile, task_scribbles_its_own_slot_once, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     storm(DO_SCRIBBLE_SLOT_ONCE, 24);
 }
@@ -244,31 +245,34 @@ Test(hostile, task_scribbles_its_own_slot_once, .init = setup, .fini = teardown,
  * parent's poller took a scribbled state word of a starting worker for news,
  * so it never slept and never let go of the lock; and workers killed by the
  * scribbles were counted as a crash loop until the pool gave up. */
-Test(hostile, task_scribbles_whole_control_block, .init = setup, .fini = teardown, .timeout = 120)
+Test(hostile, task_scribbles_whole_control_block, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     storm(DO_SCRIBBLE_ALL, 12);
 }
 
 /* As task_scribbles_whole_control_block, and the task's worker dies. */
 Test(hostile, task_scribbles_control_block_and_dies, .init = setup, .fini = teardown,
-     .timeout = 120)
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     storm(DO_SCRIBBLE_QUIET, 12);
 }
 
 /* A task that wipes its own slot every time it runs: each such death is
  * charged to its chunk, and after three the chunk's next item fails. */
-Test(hostile, task_scribbles_its_own_slot, .init = setup, .fini = teardown, .timeout = 120)
+Test(hostile, task_scribbles_its_own_slot, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     storm(DO_SCRIBBLE_SLOT, 12);
 }
 
-Test(hostile, task_forges_outbox_messages, .init = setup, .fini = teardown, .timeout = 120)
+Test(hostile, task_forges_outbox_messages, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     storm(DO_FORGE, 12);
 }
 
-Test(hostile, task_calls_exit_0, .init = setup, .fini = teardown, .timeout = 30)
+Test(hostile, task_calls_exit_0, .init = setup, .fini = teardown, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = new_pool(0);
     pp_error err;
@@ -282,7 +286,8 @@ Test(hostile, task_calls_exit_0, .init = setup, .fini = teardown, .timeout = 30)
     assert_recovers(pool);
 }
 
-Test(hostile, task_closes_every_descriptor, .init = setup, .fini = teardown, .timeout = 30)
+Test(hostile, task_closes_every_descriptor, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     /* The worker loses the eventfd it wakes the parent with: the parent
      * must not sleep forever waiting for a wake-up that cannot come. */
@@ -298,7 +303,8 @@ Test(hostile, task_closes_every_descriptor, .init = setup, .fini = teardown, .ti
     assert_recovers(pool);
 }
 
-Test(hostile, task_kills_the_helper, .init = setup, .fini = teardown, .timeout = 30)
+Test(hostile, task_kills_the_helper, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = new_pool(0);
     pp_error err;
@@ -323,7 +329,7 @@ Test(hostile, task_kills_the_helper, .init = setup, .fini = teardown, .timeout =
  * with a deadline and then SIGKILL it (the parent is its parent; workers
  * follow through PR_SET_PDEATHSIG). */
 Test(hostile, task_stops_the_helper_then_pool_free_returns, .init = setup, .fini = teardown,
-     .timeout = 20)
+     .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_pool *pool = new_pool(0);
     pp_error err;
@@ -340,7 +346,8 @@ Test(hostile, task_stops_the_helper_then_pool_free_returns, .init = setup, .fini
  * reports (pidfd_open works on any process) and polls those too, settling a
  * worker's slot when its pidfd becomes readable, and kills a worker past
  * its timeout itself with pidfd_send_signal. */
-Test(hostile, worker_dies_while_helper_is_stopped, .init = setup, .fini = teardown, .timeout = 20)
+Test(hostile, worker_dies_while_helper_is_stopped, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_pool *pool = new_pool(0);
     pp_error err;
@@ -363,7 +370,8 @@ Test(hostile, worker_dies_while_helper_is_stopped, .init = setup, .fini = teardo
  * chunk (e.g. PP_ECRASH, "task wrote past its result") when it changed;
  * keep arguments before results so a short overrun hits the guard first.
  * */
-Test(hostile, task_writes_past_its_result, .init = setup, .fini = teardown, .timeout = 30)
+Test(hostile, task_writes_past_its_result, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     for (int chunk = 1; chunk <= 16; chunk *= 4) {
         pp_pool *pool = new_pool(0);

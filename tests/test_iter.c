@@ -43,7 +43,7 @@ static void fill(int *in, int n)
 }
 
 Test(iter, imap_in_input_order_with_failures_reported_in_place, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     enum { N = 300 };
@@ -76,7 +76,8 @@ Test(iter, imap_in_input_order_with_failures_reported_in_place, .init = setup, .
     pp_pool_free(pool);
 }
 
-Test(iter, unordered_yields_as_results_arrive, .init = setup, .fini = teardown, .timeout = 30)
+Test(iter, unordered_yields_as_results_arrive, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     enum { N = 50 };
@@ -110,7 +111,8 @@ Test(iter, unordered_yields_as_results_arrive, .init = setup, .fini = teardown, 
     pp_pool_free(pool);
 }
 
-Test(iter, next_times_out_and_goes_on, .init = setup, .fini = teardown, .timeout = 30)
+Test(iter, next_times_out_and_goes_on, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int in[3] = {-1, 1, 2};
@@ -152,7 +154,7 @@ static int plus_one(const void *arg, void *result)
     return 0;
 }
 
-Test(iter, source_is_pulled_within_the_window, .timeout = 60)
+Test(iter, source_is_pulled_within_the_window, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     for (int ordered = 0; ordered < 2; ordered++) {
@@ -178,7 +180,8 @@ Test(iter, source_is_pulled_within_the_window, .timeout = 60)
     pp_pool_free(pool);
 }
 
-Test(iter, freeing_early_cancels_the_rest, .init = setup, .fini = teardown, .timeout = 30)
+Test(iter, freeing_early_cancels_the_rest, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     enum { N = 5000 };
@@ -207,7 +210,7 @@ Test(iter, freeing_early_cancels_the_rest, .init = setup, .fini = teardown, .tim
     pp_pool_free(pool);
 }
 
-Test(iter, bad_input, .timeout = 30)
+Test(iter, bad_input, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int x = 1;
@@ -227,7 +230,7 @@ Test(iter, bad_input, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(iter, handles_outlive_the_pool, .timeout = 30)
+Test(iter, handles_outlive_the_pool, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int in[4] = {1, 2, 3, 4}, r;

@@ -62,7 +62,7 @@ static int report(const void *arg, void *result)
     return 0;
 }
 
-Test(lifecycle, initializer_runs_in_every_worker_first, .timeout = 30)
+Test(lifecycle, initializer_runs_in_every_worker_first, .timeout = PP_TEST_TIMEOUT(30))
 {
     static int v = 42; /* static: crosses to spawned workers too, with its initial value */
     pp_pool *pool =
@@ -76,7 +76,7 @@ Test(lifecycle, initializer_runs_in_every_worker_first, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(lifecycle, failing_initializer_fails_pool_new, .timeout = 30)
+Test(lifecycle, failing_initializer_fails_pool_new, .timeout = PP_TEST_TIMEOUT(30))
 {
     int before = count_children();
     errno = 0;
@@ -86,7 +86,8 @@ Test(lifecycle, failing_initializer_fails_pool_new, .timeout = 30)
     cr_assert_eq(count_children(), before, "no process left behind");
 }
 
-Test(lifecycle, crash_loop_stops_respawning, .init = setup, .fini = teardown, .timeout = 30)
+Test(lifecycle, crash_loop_stops_respawning, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool =
         pp_pool_new(&(pp_options){.workers = 1, .initializer = init_fails_after_release});
@@ -112,7 +113,7 @@ Test(lifecycle, crash_loop_stops_respawning, .init = setup, .fini = teardown, .t
     pp_pool_free(pool);
 }
 
-Test(lifecycle, max_tasks_per_child_replaces_workers, .timeout = 30)
+Test(lifecycle, max_tasks_per_child_replaces_workers, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2, .max_tasks_per_child = 3});
     enum { N = 60 };
@@ -131,7 +132,8 @@ Test(lifecycle, max_tasks_per_child_replaces_workers, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(lifecycle, close_runs_queued_work_then_join, .init = setup, .fini = teardown, .timeout = 30)
+Test(lifecycle, close_runs_queued_work_then_join, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     enum { N = 100 };
@@ -166,7 +168,7 @@ static void count_callback(const void *result, void *userdata)
     __atomic_add_fetch(&callbacks_run, 1, __ATOMIC_SEQ_CST);
 }
 
-Test(lifecycle, join_returns_after_every_callback, .timeout = 30)
+Test(lifecycle, join_returns_after_every_callback, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     enum { N = 200 };
@@ -182,7 +184,7 @@ Test(lifecycle, join_returns_after_every_callback, .timeout = 30)
 }
 
 Test(lifecycle, terminate_fails_everything_unfinished, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     int forever = 3;
@@ -247,7 +249,7 @@ static void *submit_many(void *arg)
     return NULL;
 }
 
-Test(lifecycle, submission_is_thread_safe, .timeout = 60)
+Test(lifecycle, submission_is_thread_safe, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     pthread_t t[4];

@@ -52,7 +52,7 @@ static int fail_without_message(const void *arg, void *result)
     return 5;
 }
 
-Test(map, squares_in_input_order, .timeout = 30)
+Test(map, squares_in_input_order, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     cr_assert_not_null(pool);
@@ -73,7 +73,7 @@ Test(map, squares_in_input_order, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(map, starmap_over_structs, .timeout = 30)
+Test(map, starmap_over_structs, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 4});
     struct power_args data[] = {{2, 2}, {3, 3}, {4, 4}};
@@ -85,7 +85,7 @@ Test(map, starmap_over_structs, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(map, apply_one_call, .timeout = 30)
+Test(map, apply_one_call, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int x = 12, y = 0;
@@ -98,7 +98,7 @@ Test(map, apply_one_call, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(map, failures_keep_every_other_result, .timeout = 30)
+Test(map, failures_keep_every_other_result, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     enum { N = 100 };
@@ -123,7 +123,7 @@ Test(map, failures_keep_every_other_result, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(map, empty_and_zero_sized, .timeout = 30)
+Test(map, empty_and_zero_sized, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     cr_assert_eq(pp_map(pool, square, NULL, 0, sizeof(int), NULL, sizeof(int), 0, NULL), 0);
@@ -135,7 +135,7 @@ Test(map, empty_and_zero_sized, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(map, worker_ids_and_default_size, .timeout = 30)
+Test(map, worker_ids_and_default_size, .timeout = PP_TEST_TIMEOUT(30))
 {
     cr_assert_eq(pp_worker_id(), -1);
     pp_pool *pool = pp_pool_new(NULL);
@@ -146,7 +146,7 @@ Test(map, worker_ids_and_default_size, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(map, large_chunks_through_payload_area, .timeout = 60)
+Test(map, large_chunks_through_payload_area, .timeout = PP_TEST_TIMEOUT(60))
 {
     /* Chunks far larger than an inbox entry travel through payload blocks. */
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
@@ -162,7 +162,7 @@ Test(map, large_chunks_through_payload_area, .timeout = 60)
     pp_pool_free(pool);
 }
 
-Test(map, bad_input_is_einval_and_pool_stays_usable, .timeout = 30)
+Test(map, bad_input_is_einval_and_pool_stays_usable, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int x = 3, y = 0;
@@ -190,7 +190,7 @@ Test(map, bad_input_is_einval_and_pool_stays_usable, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(map, strerror_names_every_code, .timeout = 10)
+Test(map, strerror_names_every_code, .timeout = PP_TEST_TIMEOUT(10))
 {
     int codes[] = {PP_ETASK,     PP_ECRASH,  PP_ETIMEOUT, PP_ECLOSED,  PP_EOWNERDEAD,
                    PP_ECANCELED, PP_EBROKEN, PP_ESPAWN,   PP_ENOTFOUND};
@@ -226,7 +226,7 @@ static int overflow_on_70(const void *arg, void *result)
 /* The parent skips rewriting a guard it found intact in the same place:
  * that must neither miss an overrun in a reused inbox buffer nor report
  * one after the guard was broken and the buffer is used again. */
-Test(map, overrun_in_a_reused_inline_buffer_is_reported, .timeout = 30)
+Test(map, overrun_in_a_reused_inline_buffer_is_reported, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     enum { N = 100 }; /* more than the 64 entries of an inbox: buffers are reused */
@@ -250,7 +250,7 @@ Test(map, overrun_in_a_reused_inline_buffer_is_reported, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(map, writing_past_result_size_is_reported, .timeout = 30)
+Test(map, writing_past_result_size_is_reported, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int in[10], out[10];

@@ -88,7 +88,8 @@ static int kill_and_check(pid_t victim, int phase, long delay_us, int min_before
     return at;
 }
 
-Test(parent_death, during_pool_new, .init = setup, .fini = teardown, .timeout = 120)
+Test(parent_death, during_pool_new, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     uint64_t rng = 0x51ed2701;
     int in_new = 0;
@@ -109,7 +110,7 @@ Test(parent_death, during_pool_new, .init = setup, .fini = teardown, .timeout = 
     cr_assert_gt(in_new, 5, "only %d kills landed inside pp_pool_new", in_new);
 }
 
-Test(parent_death, during_map, .init = setup, .fini = teardown, .timeout = 120)
+Test(parent_death, during_map, .init = setup, .fini = teardown, .timeout = PP_TEST_TIMEOUT(120))
 {
     uint64_t rng = 0x7a3d11;
     int in_map = 0;
@@ -133,7 +134,8 @@ Test(parent_death, during_map, .init = setup, .fini = teardown, .timeout = 120)
     cr_assert_gt(in_map, 5, "only %d kills landed inside pp_map", in_map);
 }
 
-Test(parent_death, during_terminate, .init = setup, .fini = teardown, .timeout = 120)
+Test(parent_death, during_terminate, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     uint64_t rng = 0x99c0ffee;
     for (int round = 0; round < 30; round++) {
@@ -174,7 +176,8 @@ static int hold_lock(const void *arg, void *result)
     return 0;
 }
 
-Test(parent_death, while_a_worker_holds_a_lock, .init = setup, .fini = teardown, .timeout = 120)
+Test(parent_death, while_a_worker_holds_a_lock, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     uint64_t rng = 0xabcdef;
     for (int round = 0; round < 10; round++) {

@@ -12,10 +12,11 @@
 #include <unistd.h>
 
 #include "proc_helpers.h"
+#include "helpers.h"
 #include "procpool.h"
 #include "queue.h"
 
-Test(queue, messages_of_any_length_come_out_in_order, .timeout = 20)
+Test(queue, messages_of_any_length_come_out_in_order, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_queue *q = pp_queue_new(100);
     cr_assert_not_null(q);
@@ -40,7 +41,7 @@ Test(queue, messages_of_any_length_come_out_in_order, .timeout = 20)
     pp_queue_free(q);
 }
 
-Test(queue, capacity_counts_message_bytes_only, .timeout = 20)
+Test(queue, capacity_counts_message_bytes_only, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_queue *q = pp_queue_new(64);
     char big[64] = {1}, small[4];
@@ -55,7 +56,7 @@ Test(queue, capacity_counts_message_bytes_only, .timeout = 20)
     pp_queue_free(q);
 }
 
-Test(queue, emsgsize_keeps_the_message_queued, .timeout = 20)
+Test(queue, emsgsize_keeps_the_message_queued, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_queue *q = pp_queue_new(32);
     cr_assert_eq(pp_queue_put(q, "0123456789abcdefghijklmnopqrstuvwxyz", 33, 0), -EMSGSIZE);
@@ -70,7 +71,7 @@ Test(queue, emsgsize_keeps_the_message_queued, .timeout = 20)
     pp_queue_free(q);
 }
 
-Test(queue, blocking_get_and_put_across_processes, .timeout = 20)
+Test(queue, blocking_get_and_put_across_processes, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_queue *down = pp_queue_new(16), *up = pp_queue_new(16);
     pid_t pid = th_fork();
@@ -112,7 +113,7 @@ static size_t msg_len(int seq)
     return offsetof(struct msg, body) + (size_t)(seq % 200);
 }
 
-Test(queue, many_producers_and_consumers_at_once, .timeout = 20)
+Test(queue, many_producers_and_consumers_at_once, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_queue *q = pp_queue_new(4096);
     _Atomic int *got = pp_shm_alloc(sizeof(int) * PRODUCERS * PER_PRODUCER);
@@ -184,7 +185,7 @@ static pid_t stall_in(pp_queue *q, uint32_t where)
     return pid;
 }
 
-Test(queue, killed_in_the_middle_of_a_put_leaves_nothing_torn, .timeout = 20)
+Test(queue, killed_in_the_middle_of_a_put_leaves_nothing_torn, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_queue *q = pp_queue_new(64);
     cr_assert_eq(pp_queue_put(q, "first", 6, 0), 0);
@@ -210,7 +211,7 @@ Test(queue, killed_in_the_middle_of_a_put_leaves_nothing_torn, .timeout = 20)
     pp_queue_free(q);
 }
 
-Test(queue, killed_in_the_middle_of_a_get_loses_nothing, .timeout = 20)
+Test(queue, killed_in_the_middle_of_a_get_loses_nothing, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_queue *q = pp_queue_new(64);
     cr_assert_eq(pp_queue_put(q, "one", 4, 0), 0);
@@ -232,7 +233,7 @@ Test(queue, killed_in_the_middle_of_a_get_loses_nothing, .timeout = 20)
     pp_queue_free(q);
 }
 
-Test(queue, killed_while_blocked_leaves_it_usable, .timeout = 20)
+Test(queue, killed_while_blocked_leaves_it_usable, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_queue *q = pp_queue_new(8);
     cr_assert_eq(pp_queue_put(q, "full!!!", 8, 0), 0);
@@ -257,7 +258,7 @@ Test(queue, killed_while_blocked_leaves_it_usable, .timeout = 20)
     pp_queue_free(q);
 }
 
-Test(queue, bad_input_gives_clear_codes, .timeout = 20)
+Test(queue, bad_input_gives_clear_codes, .timeout = PP_TEST_TIMEOUT(20))
 {
     errno = 0;
     cr_assert_null(pp_queue_new(0));
@@ -309,7 +310,7 @@ static int consume(const void *arg, void *result)
     }
 }
 
-Test(queue_pool, workers_produce_and_consume, .timeout = 20)
+Test(queue_pool, workers_produce_and_consume, .timeout = PP_TEST_TIMEOUT(20))
 {
     struct qtask t = {.q = pp_queue_new(256)};
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 4});
@@ -352,7 +353,7 @@ static int get_one(const void *arg, void *result)
     return -pp_queue_get(t->q, result, 16, &len, 0);
 }
 
-Test(queue_pool, a_worker_killed_mid_put_leaves_the_queue_usable, .timeout = 20)
+Test(queue_pool, a_worker_killed_mid_put_leaves_the_queue_usable, .timeout = PP_TEST_TIMEOUT(20))
 {
     struct qtask t = {.q = pp_queue_new(64), .pid = pp_shm_alloc(sizeof(uint32_t))};
     struct pp_queue *raw = (struct pp_queue *)t.q;

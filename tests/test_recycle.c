@@ -76,7 +76,7 @@ static long worker_baseline(void)
     return r.rss_before;
 }
 
-Test(recycle, worker_past_max_memory_is_replaced, .timeout = 60)
+Test(recycle, worker_past_max_memory_is_replaced, .timeout = PP_TEST_TIMEOUT(60))
 {
     long limit = worker_baseline() + 3L * LEAK_MIB * (1 << 20);
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2, .max_memory_per_child = (size_t)limit});
@@ -117,7 +117,7 @@ Test(recycle, worker_past_max_memory_is_replaced, .timeout = 60)
     pp_pool_free(pool);
 }
 
-Test(recycle, worker_under_max_memory_is_kept, .timeout = 60)
+Test(recycle, worker_under_max_memory_is_kept, .timeout = PP_TEST_TIMEOUT(60))
 {
     long limit = worker_baseline() + 64L * (1 << 20);
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2, .max_memory_per_child = (size_t)limit});
@@ -224,24 +224,24 @@ static void crash_loop_ends(int how)
 }
 
 Test(crash_loop, workers_exiting_at_start_end_in_espawn, .init = setup, .fini = teardown,
-     .timeout = 60)
+     .timeout = PP_TEST_TIMEOUT(60))
 {
     crash_loop_ends(POISON_EXIT);
 }
 
 Test(crash_loop, workers_segfaulting_at_start_end_in_espawn, .init = setup, .fini = teardown,
-     .timeout = 60)
+     .timeout = PP_TEST_TIMEOUT(60))
 {
     crash_loop_ends(POISON_SEGV);
 }
 
 Test(crash_loop, workers_killed_at_start_end_in_espawn, .init = setup, .fini = teardown,
-     .timeout = 60)
+     .timeout = PP_TEST_TIMEOUT(60))
 {
     crash_loop_ends(POISON_KILL);
 }
 
-Test(crash_loop, tasks_that_crash_are_not_a_crash_loop, .timeout = 60)
+Test(crash_loop, tasks_that_crash_are_not_a_crash_loop, .timeout = PP_TEST_TIMEOUT(60))
 {
     /* Every death here is charged to the item that caused it: the pool
      * replaces the worker each time, far past the crash-loop bound. */
@@ -276,7 +276,7 @@ Test(crash_loop, tasks_that_crash_are_not_a_crash_loop, .timeout = 60)
  * left; a growing delay before each respawn would also bound the churn.
  */
 Test(crash_loop, poisoned_slot_beside_a_healthy_worker_is_bounded, .init = setup, .fini = teardown,
-     .timeout = 60)
+     .timeout = PP_TEST_TIMEOUT(60))
 {
     static int poison = POISON_EXIT;
     atomic_store(&flags->release, 0);

@@ -118,7 +118,7 @@ static void one_pool(int round)
     pp_pool_free(pool);
 }
 
-Test(resources, thousand_pools_leave_nothing_behind, .timeout = 300)
+Test(resources, thousand_pools_leave_nothing_behind, .timeout = PP_TEST_TIMEOUT(300))
 {
     /* glibc makes a new malloc arena (two mappings, never unmapped; at most
      * 8 per core) whenever two threads meet in malloc: here the caller and
@@ -168,7 +168,7 @@ Test(resources, thousand_pools_leave_nothing_behind, .timeout = 300)
  * pp__job_maybe_free must not free a job while job->queued (dequeue_head
  * then frees it), or pp__job_cancel_queued unlinks the job from the queue.
  * */
-Test(resources, iterator_freed_half_way_then_pool_used, .timeout = 60)
+Test(resources, iterator_freed_half_way_then_pool_used, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     cr_assert_not_null(pool);

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "proc_helpers.h"
+#include "helpers.h"
 #include "procpool.h"
 
 #define MiB ((size_t)1 << 20)
@@ -52,7 +53,7 @@ static long long arena_bytes(void)
     return bytes;
 }
 
-Test(shm, alloc_is_zeroed_aligned_and_reusable, .timeout = 20)
+Test(shm, alloc_is_zeroed_aligned_and_reusable, .timeout = PP_TEST_TIMEOUT(20))
 {
     static const size_t sizes[] = {1, 15, 16, 17, 48, 100, 1000, 2048, 2049, 4096, 5000, 1 << 20};
     void *p[sizeof sizes / sizeof sizes[0]];
@@ -71,7 +72,7 @@ Test(shm, alloc_is_zeroed_aligned_and_reusable, .timeout = 20)
     }
 }
 
-Test(shm, bad_input_is_refused_without_a_crash, .timeout = 20)
+Test(shm, bad_input_is_refused_without_a_crash, .timeout = PP_TEST_TIMEOUT(20))
 {
     errno = 0;
     cr_assert_null(pp_shm_alloc(0));
@@ -95,7 +96,7 @@ Test(shm, bad_input_is_refused_without_a_crash, .timeout = 20)
     pp_shm_free(big);
 }
 
-Test(shm, default_reserve_takes_one_huge_block, .timeout = 20)
+Test(shm, default_reserve_takes_one_huge_block, .timeout = PP_TEST_TIMEOUT(20))
 {
     /* 4 GiB reserved by default; one allocation may take nearly all of it,
      * and costs nothing until touched */
@@ -111,7 +112,7 @@ Test(shm, default_reserve_takes_one_huge_block, .timeout = 20)
     pp_shm_free(p);
 }
 
-Test(shm, exhaustion_is_enomem_and_recovers, .timeout = 20)
+Test(shm, exhaustion_is_enomem_and_recovers, .timeout = PP_TEST_TIMEOUT(20))
 {
     cr_assert_eq(pp_shm_reserve(32 * MiB), 0);
     void *blocks[64];
@@ -135,7 +136,7 @@ Test(shm, exhaustion_is_enomem_and_recovers, .timeout = 20)
     pp_shm_free(all);
 }
 
-Test(shm, freeing_a_big_block_gives_its_memory_back, .timeout = 20)
+Test(shm, freeing_a_big_block_gives_its_memory_back, .timeout = PP_TEST_TIMEOUT(20))
 {
     char *p = pp_shm_alloc(64 * MiB);
     cr_assert_not_null(p);
@@ -146,7 +147,7 @@ Test(shm, freeing_a_big_block_gives_its_memory_back, .timeout = 20)
     cr_assert_lt(arena_bytes(), held - (long long)(60 * MiB));
 }
 
-Test(shm, same_address_in_parent_and_children, .timeout = 20)
+Test(shm, same_address_in_parent_and_children, .timeout = PP_TEST_TIMEOUT(20))
 {
     int *before = pp_shm_alloc(sizeof *before); /* made before the fork */
     int up[2], down[2];
@@ -180,7 +181,7 @@ Test(shm, same_address_in_parent_and_children, .timeout = 20)
 
 /* Each child allocates, fills with its own pattern, frees some, and records
  * what it kept; no two live blocks may overlap. */
-Test(shm, concurrent_alloc_and_free_from_many_processes, .timeout = 20)
+Test(shm, concurrent_alloc_and_free_from_many_processes, .timeout = PP_TEST_TIMEOUT(20))
 {
     char **kept = pp_shm_alloc(sizeof(char *) * WORKERS * ALLOCS);
     size_t *len = pp_shm_alloc(sizeof(size_t) * WORKERS * ALLOCS);
@@ -222,7 +223,7 @@ Test(shm, concurrent_alloc_and_free_from_many_processes, .timeout = 20)
 /* Children allocate and free in a loop and are SIGKILLed wherever they are;
  * the arena must stay consistent: fresh blocks are zeroed and distinct, and
  * most of it can still be allocated in one block. */
-Test(shm, processes_killed_while_allocating_leave_it_consistent, .timeout = 20)
+Test(shm, processes_killed_while_allocating_leave_it_consistent, .timeout = PP_TEST_TIMEOUT(20))
 {
     cr_assert_eq(pp_shm_reserve(64 * MiB), 0);
     for (int round = 0; round < 6; round++) {
@@ -275,7 +276,7 @@ Test(shm, processes_killed_while_allocating_leave_it_consistent, .timeout = 20)
 }
 
 /* A big buffer filled in place by several processes, with no copy. */
-Test(shm, big_buffer_filled_in_place_by_children, .timeout = 20)
+Test(shm, big_buffer_filled_in_place_by_children, .timeout = PP_TEST_TIMEOUT(20))
 {
     const size_t n = 256 * MiB;
     unsigned char *buf = pp_shm_alloc(n);
@@ -312,7 +313,8 @@ static int make_big(const void *arg, void *result)
     return 0;
 }
 
-Test(shm_pool, a_worker_allocates_a_result_the_parent_reads_and_frees, .timeout = 20)
+Test(shm_pool, a_worker_allocates_a_result_the_parent_reads_and_frees,
+     .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     cr_assert_not_null(pool);
@@ -345,7 +347,7 @@ static int fill(const void *arg, void *result)
     return 0;
 }
 
-Test(shm_pool, pp_map_fills_a_1gib_arena_buffer_in_place, .timeout = 20)
+Test(shm_pool, pp_map_fills_a_1gib_arena_buffer_in_place, .timeout = PP_TEST_TIMEOUT(20))
 {
     const size_t n = 1024 * MiB, piece = 16 * MiB, pieces = n / piece;
     unsigned char *buf = pp_shm_alloc(n);

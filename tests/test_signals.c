@@ -68,7 +68,7 @@ static pid_t start_foreground_job(bool handle)
 }
 
 Test(signals, ctrl_c_parent_handles_it_workers_carry_on, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pid_t p = start_foreground_job(true);
     flag_wait_ge(&flags->started, 3); /* every worker is inside a task */
@@ -81,7 +81,7 @@ Test(signals, ctrl_c_parent_handles_it_workers_carry_on, .init = setup, .fini = 
 }
 
 Test(signals, ctrl_c_kills_parent_and_workers_follow, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pid_t p = start_foreground_job(false);
     flag_wait_ge(&flags->started, 3);
@@ -153,19 +153,19 @@ static void check_tree_ends(int how)
 }
 
 Test(signals, terminate_ends_task_blocking_signals_and_its_tree, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     check_tree_ends(0);
 }
 
 Test(signals, pool_free_ends_task_blocking_signals_and_its_tree, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     check_tree_ends(1);
 }
 
 Test(signals, timeout_ends_task_blocking_signals_and_its_tree, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     check_tree_ends(2);
 }

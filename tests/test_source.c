@@ -138,14 +138,14 @@ static void run_window(long n, size_t window, size_t chunksize, bool ordered)
     pp_pool_free(pool);
 }
 
-Test(source, window_holds_in_order, .timeout = 60)
+Test(source, window_holds_in_order, .timeout = PP_TEST_TIMEOUT(60))
 {
     static const size_t shapes[][2] = {{1, 1}, {3, 8}, {10, 4}, {64, 64}, {100, 7}, {0, 16}};
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
         run_window(3000, shapes[i][0], shapes[i][1], true);
 }
 
-Test(source, window_holds_unordered, .timeout = 60)
+Test(source, window_holds_unordered, .timeout = PP_TEST_TIMEOUT(60))
 {
     static const size_t shapes[][2] = {{1, 1}, {3, 8}, {10, 4}, {64, 64}, {100, 7}, {0, 16}};
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
@@ -189,17 +189,19 @@ static void full_window_stops_pulling(bool ordered)
     pp_pool_free(pool);
 }
 
-Test(source, full_window_stops_pulling_in_order, .init = setup, .fini = teardown, .timeout = 30)
+Test(source, full_window_stops_pulling_in_order, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     full_window_stops_pulling(true);
 }
 
-Test(source, full_window_stops_pulling_unordered, .init = setup, .fini = teardown, .timeout = 30)
+Test(source, full_window_stops_pulling_unordered, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     full_window_stops_pulling(false);
 }
 
-Test(source, source_may_call_the_pool, .timeout = 30)
+Test(source, source_may_call_the_pool, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     struct counter c = {
@@ -222,7 +224,7 @@ static int empty_source(void *state, void *arg)
     return 0;
 }
 
-Test(source, empty_source_ends_at_once, .timeout = 30)
+Test(source, empty_source_ends_at_once, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     for (int ordered = 0; ordered < 2; ordered++) {
@@ -325,12 +327,12 @@ static void rss_stays_flat(bool ordered)
     pp_pool_free(pool);
 }
 
-Test(source, rss_stays_flat_in_order, .timeout = 120)
+Test(source, rss_stays_flat_in_order, .timeout = PP_TEST_TIMEOUT(120))
 {
     rss_stays_flat(true);
 }
 
-Test(source, rss_stays_flat_unordered, .timeout = 120)
+Test(source, rss_stays_flat_unordered, .timeout = PP_TEST_TIMEOUT(120))
 {
     rss_stays_flat(false);
 }

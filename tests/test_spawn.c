@@ -88,7 +88,7 @@ static int what_i_see(const void *arg, void *result)
     return 0;
 }
 
-Test(spawn, functions_of_the_executable_static_or_not, .timeout = 60)
+Test(spawn, functions_of_the_executable_static_or_not, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool = spawn_pool(2);
     int in[50], out[50];
@@ -112,7 +112,7 @@ Test(spawn, functions_of_the_executable_static_or_not, .timeout = 60)
     pp_pool_free(pool);
 }
 
-Test(spawn, workers_are_a_fresh_process_laid_out_anew, .timeout = 60)
+Test(spawn, workers_are_a_fresh_process_laid_out_anew, .timeout = PP_TEST_TIMEOUT(60))
 {
     marker = 2;
     pp_pool *pool = spawn_pool(2);
@@ -140,7 +140,7 @@ Test(spawn, workers_are_a_fresh_process_laid_out_anew, .timeout = 60)
     pp_pool_free(pool);
 }
 
-Test(spawn, no_pool_from_a_constructor_of_a_spawned_process, .timeout = 60)
+Test(spawn, no_pool_from_a_constructor_of_a_spawned_process, .timeout = PP_TEST_TIMEOUT(60))
 {
     setenv("PP_TEST_CTOR_POOL", "1", 1);
     pp_pool *pool = spawn_pool(1);
@@ -151,7 +151,7 @@ Test(spawn, no_pool_from_a_constructor_of_a_spawned_process, .timeout = 60)
     pp_pool_free(pool);
 }
 
-Test(spawn, functions_of_a_library_loaded_after_the_pool, .timeout = 60)
+Test(spawn, functions_of_a_library_loaded_after_the_pool, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool = spawn_pool(2);
     void *lib = dlopen(SPAWN_LIB, RTLD_NOW);
@@ -178,7 +178,7 @@ Test(spawn, functions_of_a_library_loaded_after_the_pool, .timeout = 60)
 
 /* ---- what cannot cross -------------------------------------------------------- */
 
-Test(spawn, a_function_in_no_object_fails_at_submission, .timeout = 60)
+Test(spawn, a_function_in_no_object_fails_at_submission, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool = spawn_pool(2);
     void *heap = malloc(64);
@@ -222,7 +222,7 @@ Test(spawn, a_function_in_no_object_fails_at_submission, .timeout = 60)
 /* A library the parent loaded from a file that is gone by the time the
  * workers look for it: each item fails with PP_ENOTFOUND, and the workers
  * live on. */
-Test(spawn, a_function_the_worker_cannot_find_fails_its_items, .timeout = 60)
+Test(spawn, a_function_the_worker_cannot_find_fails_its_items, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool = spawn_pool(1);
     char path[] = "/tmp/pp_spawn_lib_XXXXXX";
@@ -262,7 +262,7 @@ Test(spawn, a_function_the_worker_cannot_find_fails_its_items, .timeout = 60)
 
 /* The same, for the initializer: the new process cannot set up, says so,
  * and pp_pool_new fails cleanly. */
-Test(spawn, an_initializer_the_new_process_cannot_find, .timeout = 60)
+Test(spawn, an_initializer_the_new_process_cannot_find, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_shm_free(pp_shm_alloc(1)); /* the arena lives on: make it before counting */
     char path[] = "/tmp/pp_spawn_lib_XXXXXX";
@@ -321,7 +321,7 @@ static int initialized_with(void *initarg)
     return r;
 }
 
-Test(spawn, initarg_in_the_arena_in_static_data_or_null, .timeout = 60)
+Test(spawn, initarg_in_the_arena_in_static_data_or_null, .timeout = PP_TEST_TIMEOUT(60))
 {
     int *shared = pp_shm_alloc(sizeof *shared);
     *shared = 99;
@@ -334,7 +334,7 @@ Test(spawn, initarg_in_the_arena_in_static_data_or_null, .timeout = 60)
     cr_assert_eq(initialized_with(NULL), -2);
 }
 
-Test(spawn, initarg_that_cannot_cross_is_einval, .timeout = 60)
+Test(spawn, initarg_that_cannot_cross_is_einval, .timeout = PP_TEST_TIMEOUT(60))
 {
     int on_stack = 1;
     int *on_heap = malloc(sizeof *on_heap);
@@ -379,7 +379,7 @@ static int add_under_lock(const void *arg, void *result)
     return 0;
 }
 
-Test(spawn, arena_and_lock_from_spawned_workers, .timeout = 60)
+Test(spawn, arena_and_lock_from_spawned_workers, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool = spawn_pool(2);
     /* Made after the pool: the arena is shared whenever memory is allocated. */
@@ -409,7 +409,7 @@ static void *busy_thread(void *arg)
     return NULL;
 }
 
-Test(spawn, parent_with_threads, .timeout = 60)
+Test(spawn, parent_with_threads, .timeout = PP_TEST_TIMEOUT(60))
 {
     pthread_t t[3];
     for (int i = 0; i < 3; i++)
@@ -430,7 +430,7 @@ Test(spawn, parent_with_threads, .timeout = 60)
         pthread_join(t[i], NULL);
 }
 
-Test(spawn, nothing_left_behind, .timeout = 60)
+Test(spawn, nothing_left_behind, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_shm_free(pp_shm_alloc(1)); /* the arena lives on: make it before counting */
     int fds = count_fds();
@@ -447,7 +447,7 @@ Test(spawn, nothing_left_behind, .timeout = 60)
     }
 }
 
-Test(spawn, procpool_start_chooses_the_default, .timeout = 60)
+Test(spawn, procpool_start_chooses_the_default, .timeout = PP_TEST_TIMEOUT(60))
 {
     setenv("PROCPOOL_START", "spawn", 1);
     marker = 2;

@@ -220,7 +220,7 @@ static void mixed_load(bool with_failures, size_t chunksize)
 }
 
 Test(stats, consistent_while_crashes_timeouts_and_cancels_happen, .init = setup, .fini = teardown,
-     .timeout = 120)
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     mixed_load(false, 1);
 }
@@ -239,13 +239,13 @@ Test(stats, consistent_while_crashes_timeouts_and_cancels_happen, .init = setup,
  * counted, see below).
  */
 Test(stats, consistent_with_task_failures_in_chunks, .init = setup, .fini = teardown,
-     .timeout = 120)
+     .timeout = PP_TEST_TIMEOUT(120))
 {
     mixed_load(true, 4);
 }
 
 Test(stats, failed_item_of_a_running_chunk_is_counted_once, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int in[2] = {M_FAIL, M_HOLD}, out[2];
@@ -282,7 +282,7 @@ Test(stats, failed_item_of_a_running_chunk_is_counted_once, .init = setup, .fini
  * the stats of an orphaned iterator job.
  */
 Test(stats, items_running_when_an_iterator_is_freed_are_accounted, .init = setup, .fini = teardown,
-     .timeout = 30)
+     .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     int in[10] = {M_HOLD};
@@ -299,7 +299,7 @@ Test(stats, items_running_when_an_iterator_is_freed_are_accounted, .init = setup
     pp_pool_free(pool);
 }
 
-Test(stats, counts_of_a_plain_map, .timeout = 30)
+Test(stats, counts_of_a_plain_map, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
     pp_stats st;
@@ -322,7 +322,7 @@ Test(stats, counts_of_a_plain_map, .timeout = 30)
     pp_pool_free(pool);
 }
 
-Test(stats, consistent_during_many_small_calls, .timeout = 120)
+Test(stats, consistent_during_many_small_calls, .timeout = PP_TEST_TIMEOUT(120))
 {
     enum { WORKERS = 2 };
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = WORKERS});

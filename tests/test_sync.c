@@ -11,12 +11,13 @@
 #include <unistd.h>
 
 #include "proc_helpers.h"
+#include "helpers.h"
 #include "procpool.h"
 #include "sync.h"
 
 /* ---- Lock ---------------------------------------------------------------- */
 
-Test(lock, python_verbs_and_errors, .timeout = 20)
+Test(lock, python_verbs_and_errors, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_lock_new();
     cr_assert_not_null(l);
@@ -37,7 +38,7 @@ Test(lock, python_verbs_and_errors, .timeout = 20)
     pp_lock_free(l);
 }
 
-Test(lock, four_processes_count_to_40000, .timeout = 20)
+Test(lock, four_processes_count_to_40000, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_lock_new();
     int *counter = pp_shm_alloc(sizeof *counter);
@@ -80,7 +81,7 @@ static pid_t hold_and_hang(pp_lock *l)
     return pid;
 }
 
-Test(lock, holder_killed_gives_eownerdead_then_works, .timeout = 20)
+Test(lock, holder_killed_gives_eownerdead_then_works, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_lock_new();
     pid_t pid = hold_and_hang(l);
@@ -93,7 +94,7 @@ Test(lock, holder_killed_gives_eownerdead_then_works, .timeout = 20)
     pp_lock_free(l);
 }
 
-Test(lock, waiter_blocked_when_holder_is_killed_gets_it, .timeout = 20)
+Test(lock, waiter_blocked_when_holder_is_killed_gets_it, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_lock_new();
     pid_t holder = hold_and_hang(l);
@@ -109,7 +110,7 @@ Test(lock, waiter_blocked_when_holder_is_killed_gets_it, .timeout = 20)
     pp_lock_free(l);
 }
 
-Test(lock, death_seen_by_a_non_holder_release_is_still_reported, .timeout = 20)
+Test(lock, death_seen_by_a_non_holder_release_is_still_reported, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_rlock_new();
     pid_t pid = hold_and_hang(l);
@@ -121,7 +122,7 @@ Test(lock, death_seen_by_a_non_holder_release_is_still_reported, .timeout = 20)
     pp_lock_free(l);
 }
 
-Test(rlock, counts_levels_across_processes, .timeout = 20)
+Test(rlock, counts_levels_across_processes, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_rlock_new();
     cr_assert_not_null(l);
@@ -146,7 +147,7 @@ Test(rlock, counts_levels_across_processes, .timeout = 20)
     pp_lock_free(l);
 }
 
-Test(rlock, holder_killed_gives_eownerdead, .timeout = 20)
+Test(rlock, holder_killed_gives_eownerdead, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_rlock_new();
     pid_t pid = hold_and_hang(l); /* holds two levels */
@@ -161,7 +162,7 @@ Test(rlock, holder_killed_gives_eownerdead, .timeout = 20)
 
 /* ---- Semaphore ----------------------------------------------------------- */
 
-Test(sem, counts_and_limits_concurrency, .timeout = 20)
+Test(sem, counts_and_limits_concurrency, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_sem *s = pp_sem_new(2);
     cr_assert_not_null(s);
@@ -192,7 +193,7 @@ Test(sem, counts_and_limits_concurrency, .timeout = 20)
     pp_sem_free(s);
 }
 
-Test(sem, release_in_one_process_wakes_a_waiter_in_another, .timeout = 20)
+Test(sem, release_in_one_process_wakes_a_waiter_in_another, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_sem *s = pp_sem_new(0);
     pid_t pid = th_fork();
@@ -204,7 +205,7 @@ Test(sem, release_in_one_process_wakes_a_waiter_in_another, .timeout = 20)
     pp_sem_free(s);
 }
 
-Test(sem, unit_held_by_a_dead_process_does_not_hang_waiters, .timeout = 20)
+Test(sem, unit_held_by_a_dead_process_does_not_hang_waiters, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_sem *s = pp_sem_new(1);
     int fds[2];
@@ -230,7 +231,7 @@ struct box {
     int ready;
 };
 
-Test(cond, wait_and_notify_across_processes, .timeout = 20)
+Test(cond, wait_and_notify_across_processes, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_lock_new();
     pp_cond *c = pp_cond_new(l);
@@ -260,7 +261,7 @@ Test(cond, wait_and_notify_across_processes, .timeout = 20)
     pp_shm_free(b);
 }
 
-Test(cond, notify_one_at_a_time_hands_out_every_item, .timeout = 20)
+Test(cond, notify_one_at_a_time_hands_out_every_item, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_lock_new();
     pp_cond *c = pp_cond_new(l);
@@ -288,7 +289,7 @@ Test(cond, notify_one_at_a_time_hands_out_every_item, .timeout = 20)
     pp_lock_free(l);
 }
 
-Test(cond, timeout_returns_holding_the_lock, .timeout = 20)
+Test(cond, timeout_returns_holding_the_lock, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_lock_new();
     pp_cond *c = pp_cond_new(l);
@@ -304,7 +305,7 @@ Test(cond, timeout_returns_holding_the_lock, .timeout = 20)
     pp_lock_free(l);
 }
 
-Test(cond, wait_releases_every_level_of_an_rlock, .timeout = 20)
+Test(cond, wait_releases_every_level_of_an_rlock, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_rlock_new();
     pp_cond *c = pp_cond_new(l);
@@ -331,7 +332,7 @@ Test(cond, wait_releases_every_level_of_an_rlock, .timeout = 20)
     pp_lock_free(l);
 }
 
-Test(cond, holder_killed_while_a_waiter_sleeps_gives_eownerdead, .timeout = 20)
+Test(cond, holder_killed_while_a_waiter_sleeps_gives_eownerdead, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_lock *l = pp_lock_new();
     pp_cond *c = pp_cond_new(l);
@@ -362,7 +363,7 @@ Test(cond, holder_killed_while_a_waiter_sleeps_gives_eownerdead, .timeout = 20)
 
 /* ---- Event ------------------------------------------------------------- */
 
-Test(event, set_clear_and_wait_across_processes, .timeout = 20)
+Test(event, set_clear_and_wait_across_processes, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_event *e = pp_event_new();
     cr_assert_not_null(e);
@@ -383,7 +384,7 @@ Test(event, set_clear_and_wait_across_processes, .timeout = 20)
     pp_event_free(e);
 }
 
-Test(event, a_set_while_waiting_counts_even_if_cleared, .timeout = 20)
+Test(event, a_set_while_waiting_counts_even_if_cleared, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_event *e = pp_event_new();
     struct pp_event *raw = (struct pp_event *)e;
@@ -400,7 +401,7 @@ Test(event, a_set_while_waiting_counts_even_if_cleared, .timeout = 20)
 
 /* ---- Barrier ------------------------------------------------------------ */
 
-Test(barrier, returns_each_arrival_index_once_per_round, .timeout = 20)
+Test(barrier, returns_each_arrival_index_once_per_round, .timeout = PP_TEST_TIMEOUT(20))
 {
     enum { PARTIES = 4, ROUNDS = 50 };
     pp_barrier *b = pp_barrier_new(PARTIES);
@@ -429,7 +430,7 @@ Test(barrier, returns_each_arrival_index_once_per_round, .timeout = 20)
     pp_barrier_free(b);
 }
 
-Test(barrier, one_party_never_waits, .timeout = 20)
+Test(barrier, one_party_never_waits, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_barrier *b = pp_barrier_new(1);
     cr_assert_eq(pp_barrier_wait(b, -1), 0);
@@ -437,7 +438,7 @@ Test(barrier, one_party_never_waits, .timeout = 20)
     pp_barrier_free(b);
 }
 
-Test(barrier, timeout_breaks_it_until_reset, .timeout = 20)
+Test(barrier, timeout_breaks_it_until_reset, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_barrier *b = pp_barrier_new(2);
     cr_assert_eq(pp_barrier_wait(b, 0.02), PP_EBROKEN);
@@ -451,7 +452,7 @@ Test(barrier, timeout_breaks_it_until_reset, .timeout = 20)
     pp_barrier_free(b);
 }
 
-Test(barrier, a_waiters_timeout_breaks_it_for_the_others, .timeout = 20)
+Test(barrier, a_waiters_timeout_breaks_it_for_the_others, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_barrier *b = pp_barrier_new(3);
     pid_t pid = th_fork();
@@ -462,7 +463,7 @@ Test(barrier, a_waiters_timeout_breaks_it_for_the_others, .timeout = 20)
     pp_barrier_free(b);
 }
 
-Test(barrier, a_party_killed_while_waiting_breaks_it, .timeout = 20)
+Test(barrier, a_party_killed_while_waiting_breaks_it, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_barrier *b = pp_barrier_new(3);
     struct pp_barrier *raw = (struct pp_barrier *)b;
@@ -487,7 +488,7 @@ Test(barrier, a_party_killed_while_waiting_breaks_it, .timeout = 20)
     pp_barrier_free(b);
 }
 
-Test(barrier, reset_breaks_current_waiters, .timeout = 20)
+Test(barrier, reset_breaks_current_waiters, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_barrier *b = pp_barrier_new(2);
     struct pp_barrier *raw = (struct pp_barrier *)b;
@@ -502,7 +503,7 @@ Test(barrier, reset_breaks_current_waiters, .timeout = 20)
 
 /* ---- Bad input ------------------------------------------------------------ */
 
-Test(sync, null_objects_and_bad_arguments, .timeout = 20)
+Test(sync, null_objects_and_bad_arguments, .timeout = PP_TEST_TIMEOUT(20))
 {
     cr_assert_eq(pp_lock_acquire(NULL, 0), -EINVAL);
     cr_assert_eq(pp_lock_release(NULL), -EINVAL);
@@ -563,7 +564,7 @@ static int add_10000(const void *arg, void *result)
     return 0;
 }
 
-Test(sync_pool, four_tasks_add_under_one_lock, .timeout = 20)
+Test(sync_pool, four_tasks_add_under_one_lock, .timeout = PP_TEST_TIMEOUT(20))
 {
     struct shared s = {.counter = pp_shm_alloc(sizeof(int)), .lock = pp_lock_new()};
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 4});
@@ -603,7 +604,8 @@ static int lock_and_repair(const void *arg, void *result)
     return 0;
 }
 
-Test(sync_pool, a_worker_killed_holding_a_lock_does_not_wedge_the_others, .timeout = 20)
+Test(sync_pool, a_worker_killed_holding_a_lock_does_not_wedge_the_others,
+     .timeout = PP_TEST_TIMEOUT(20))
 {
     struct shared s = {.counter = pp_shm_alloc(sizeof(int)), .lock = pp_lock_new()};
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
@@ -627,7 +629,7 @@ static int meet(const void *arg, void *result)
     return 0;
 }
 
-Test(sync_pool, workers_meet_at_a_barrier, .timeout = 20)
+Test(sync_pool, workers_meet_at_a_barrier, .timeout = PP_TEST_TIMEOUT(20))
 {
     struct shared s = {.barrier = pp_barrier_new(3)};
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 3});

@@ -158,7 +158,8 @@ static void rounds_under_hammers(bool check_output)
     cr_assert_eq(bad, 0, "%ld lines written twice or lost; first: %s", bad, why);
 }
 
-Test(threads, pools_with_respawns_while_8_threads_hammer_malloc_stdio_mutexes, .timeout = 240)
+Test(threads, pools_with_respawns_while_8_threads_hammer_malloc_stdio_mutexes,
+     .timeout = PP_TEST_TIMEOUT(240))
 {
     rounds_under_hammers(false);
 }
@@ -168,7 +169,7 @@ Test(threads, pools_with_respawns_while_8_threads_hammer_malloc_stdio_mutexes, .
  * fork of the helper; the helper's copy of that buffer is inherited by every
  * worker, and each worker's leave() runs fflush(NULL), so those bytes reach
  * the file again once per retiring worker. */
-Test(threads, parent_threads_stdio_output_appears_once, .timeout = 240)
+Test(threads, parent_threads_stdio_output_appears_once, .timeout = PP_TEST_TIMEOUT(240))
 {
     rounds_under_hammers(true);
 }
