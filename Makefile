@@ -6,7 +6,7 @@ JOBS       ?= $(shell nproc)
 CMAKE      ?= cmake
 
 .PHONY: all demo check deps test bench install-check format format-check clean \
-        check-valgrind check-tsan soak fuzz fuzz-strict
+        check-valgrind check-tsan soak fuzz
 
 all:
 	$(CMAKE) -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DPP_TESTS=OFF >/dev/null
@@ -53,9 +53,6 @@ soak: all
 
 fuzz:
 	./fuzz/run.sh $(FUZZ_SECONDS) fuzz_ctl fuzz_queue
-
-fuzz-strict:
-	./fuzz/run.sh $(FUZZ_SECONDS) fuzz_ctl_strict
 
 install-check:
 	./scripts/install-check.sh

