@@ -18,8 +18,10 @@ demo: deps-build all
 
 # Installs missing test dependencies (as root, through apt-get; Open MPI
 # among them), builds with ASan + UBSan, runs every test (the MPI backend's
-# under mpirun: CTest's mpi_*), then checks that an outside program builds
-# against the installed library through pkg-config.
+# under mpirun: CTest's mpi_*), the resource and threads tests without
+# sanitizers, libFuzzer and ThreadSanitizer (scripts/check-reliability.sh),
+# then checks that an outside program builds against the installed library
+# through pkg-config.
 check: deps
 	$(CMAKE) -S . -B $(CHECK) -DCMAKE_BUILD_TYPE=Debug -DPP_SANITIZE=ON >/dev/null
 	$(CMAKE) --build $(CHECK) -j $(JOBS)

@@ -7,7 +7,9 @@
 #    allocator takes no lock around fork, so a fork while another thread is
 #    inside ASan's malloc can leave the child's allocator locked for ever;
 #  - 60 s of libFuzzer on the parent's decoding of the control block, and
-#    15 s on pp_queue_get reading a scribbled queue.
+#    15 s on pp_queue_get reading a scribbled queue;
+#  - the parent's threads under ThreadSanitizer (make check-tsan: a stress
+#    program, since Criterion's sandbox cannot start under TSan), 5 runs.
 set -e
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -17,3 +19,7 @@ cmake --build build-plain -j "$(nproc)" --target test_resources test_threads >/d
 ./build-plain/tests/test_threads --jobs 1
 ./fuzz/run.sh "${FUZZ_SECONDS:-60}" fuzz_ctl
 ./fuzz/run.sh "${FUZZ_QUEUE_SECONDS:-15}" fuzz_queue
+make --no-print-directory check-tsan >/dev/null
+for run in 2 3 4 5; do
+  TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" ./build-tsan/tsan_stress
+done

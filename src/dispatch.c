@@ -926,7 +926,7 @@ void pp__pump(pp_pool *pool)
      * then while the pool is too busy to poll: no system call per pump. */
     int64_t now = pp__now_ns();
     pool->pump_ns = now;
-    if (!pool->thread_started || !pthread_equal(pthread_self(), pool->thread))
+    if (!pp__is_library_thread(pool))
         pool->caller_pump_ns = now;
     if (pool->zygote_said || now - pool->zygote_checked > PP_ZYGOTE_CHECK_NS) {
         if (!pool->zygote_said)

@@ -149,6 +149,15 @@ int pp__submit_errno(int rc)
 
 /* ---- waiting ---------------------------------------------------------------- */
 
+/* The pool whose library thread this is (thread-local: the pump asks it
+ * from any thread, before pp_pool_new has even stored the thread's id). */
+static _Thread_local const pp_pool *library_thread_of;
+
+bool pp__is_library_thread(const pp_pool *pool)
+{
+    return library_thread_of == pool;
+}
+
 static bool on_library_thread(pp_pool *pool)
 {
     return pool->thread_started && pthread_equal(pthread_self(), pool->thread);
@@ -358,6 +367,7 @@ void pp__run_callbacks(pp_pool *pool)
 static void *library_thread(void *arg)
 {
     pp_pool *pool = arg;
+    library_thread_of = pool;
     pthread_mutex_lock(&pool->mu);
     while (!pool->thread_stop) {
         if (pool->cbhead != NULL) {

@@ -238,8 +238,9 @@ void pp__respawn(pp_pool *pool, int id);
 /* pool.c: waiting. Called with mu held; returns with it held. */
 int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline);
 void pp__wake_thread(pp_pool *pool);
-void pp__notify(pp_pool *pool);          /* wake every waiter, the poller included */
-void pp__notify_progress(pp_pool *pool); /* the same, after a pump resolved something */
+void pp__notify(pp_pool *pool);                  /* wake every waiter, the poller included */
+void pp__notify_progress(pp_pool *pool);         /* the same, after a pump resolved something */
+bool pp__is_library_thread(const pp_pool *pool); /* the calling thread is pool's own */
 void pp__run_callbacks(pp_pool *pool);
 struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
                            size_t chunksize, size_t extra); /* extra: trailing bytes */

@@ -34,12 +34,34 @@ void pp__kill_worker(pp_pool *pool, int id, int code)
         pool->zygote_gone = true;
 }
 
+/* Zeroes a slot for its next worker. A waiter's spin reads the outbox
+ * positions without the pool lock (pool.c posted_unlocked), so the words
+ * of the slot's header are reset by atomic stores; the rings after them,
+ * which only the pump reads, under the lock, by memset. */
+static void reset_slot(struct pp_slot *s)
+{
+    atomic_store(&s->in_tail, 0);
+    atomic_store(&s->doorbell, 0);
+    atomic_store(&s->out_head, 0);
+    atomic_store(&s->quit, 0);
+    atomic_store(&s->stop, 0);
+    atomic_store(&s->in_head, 0);
+    atomic_store(&s->out_tail, 0);
+    atomic_store(&s->sleeping, 0);
+    atomic_store(&s->state, 0);
+    atomic_store(&s->busy, 0);
+    atomic_store(&s->cur_seq, 0);
+    atomic_store(&s->cur_item, 0);
+    atomic_store(&s->item_start, 0);
+    memset(&s->in, 0, sizeof *s - offsetof(struct pp_slot, in));
+}
+
 void pp__respawn(pp_pool *pool, int id)
 {
     struct pp_worker *w = &pool->w[id];
     uint32_t gen = w->gen + 1;
     unsigned early = w->early_deaths;
-    memset(&pool->ctl->slot[id], 0, sizeof pool->ctl->slot[id]);
+    reset_slot(&pool->ctl->slot[id]);
     *w = (struct pp_worker){.state = PP_WS_STARTING, .gen = gen, .early_deaths = early};
     if (pp__zygote_send(pool->zsock, PP_Z_SPAWN, (uint32_t)id, gen, 0) < 0) {
         pool->zygote_gone = true;
@@ -167,7 +189,7 @@ static void on_exit_(pp_pool *pool, int id, int status)
     bool was_killed = w->kill_code != 0 && w->kill_code != PP_ECRASH;
     bool started = w->succeeded || w->was_ready;
     unsigned early = w->early_deaths;
-    memset(&pool->ctl->slot[id], 0, sizeof pool->ctl->slot[id]);
+    reset_slot(&pool->ctl->slot[id]);
     *w = (struct pp_worker){.state = PP_WS_DOWN, .gen = w->gen, .early_deaths = early};
 
     if (pool->starting) {
