@@ -7,6 +7,10 @@
 # corrupt memory on purpose, so its workers' reports are the point, not a
 # finding.
 #
+# --fair-sched: valgrind runs one thread at a time, and its default lock lets
+# a few busy threads (test_threads, spawn's parent_with_threads) starve the
+# one that makes progress for many minutes.
+#
 # Everything runs 20-50 times slower under memcheck, so every test gets
 # 900 s, and its own limit is scaled by 20 (PP_TEST_TIMEOUT_SCALE): a test
 # cut short is a test whose memory was not checked.
@@ -32,7 +36,7 @@ run_suite() {
   rm -rf "${logs:?}/$name" "$logs/$name.out" "$logs/$name.verdict"
   mkdir -p "$logs/$name"
   start=$(date +%s)
-  if ! PP_VALGRIND=1 valgrind -q --tool=memcheck --trace-children=yes --leak-check=full \
+  if ! PP_VALGRIND=1 valgrind -q --tool=memcheck --fair-sched=yes --trace-children=yes --leak-check=full \
          --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect \
          --log-file="$logs/$name/%p.log" "$b/tests/$name" --jobs 1 --timeout 900 \
          >"$logs/$name.out" 2>&1; then
