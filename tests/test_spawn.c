@@ -219,12 +219,10 @@ Test(spawn, a_function_in_no_object_fails_at_submission, .timeout = PP_TEST_TIME
     munmap(anon, 4096);
 }
 
-/* A library the parent loaded from a file that is gone by the time the
- * workers look for it: each item fails with PP_ENOTFOUND, and the workers
- * live on. */
-Test(spawn, a_function_the_worker_cannot_find_fails_its_items, .timeout = PP_TEST_TIMEOUT(60))
+/* dlopen()s a copy of the test library whose file is deleted at once: the
+ * parent has it loaded, a spawned process cannot find it. */
+static void *dlopen_vanished_copy(void)
 {
-    pp_pool *pool = spawn_pool(1);
     char path[] = "/tmp/pp_spawn_lib_XXXXXX";
     int fd = mkstemp(path);
     cr_assert_geq(fd, 0);
@@ -239,6 +237,16 @@ Test(spawn, a_function_the_worker_cannot_find_fails_its_items, .timeout = PP_TES
     void *lib = dlopen(path, RTLD_NOW);
     cr_assert_not_null(lib, "%s", dlerror());
     unlink(path);
+    return lib;
+}
+
+/* A library the parent loaded from a file that is gone by the time the
+ * workers look for it: each item fails with PP_ENOTFOUND, and the workers
+ * live on. */
+Test(spawn, a_function_the_worker_cannot_find_fails_its_items, .timeout = PP_TEST_TIMEOUT(60))
+{
+    pp_pool *pool = spawn_pool(1);
+    void *lib = dlopen_vanished_copy();
     pp_fn *triple = (pp_fn *)(uintptr_t)dlsym(lib, "spawn_lib_triple");
     cr_assert_not_null(triple);
     int in[3] = {1, 2, 3}, out[3];
@@ -265,20 +273,7 @@ Test(spawn, a_function_the_worker_cannot_find_fails_its_items, .timeout = PP_TES
 Test(spawn, an_initializer_the_new_process_cannot_find, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_shm_free(pp_shm_alloc(1)); /* the arena lives on: make it before counting */
-    char path[] = "/tmp/pp_spawn_lib_XXXXXX";
-    int fd = mkstemp(path);
-    cr_assert_geq(fd, 0);
-    int src = open(SPAWN_LIB, O_RDONLY);
-    cr_assert_geq(src, 0);
-    char buf[65536];
-    ssize_t n;
-    while ((n = read(src, buf, sizeof buf)) > 0)
-        cr_assert_eq(write(fd, buf, (size_t)n), n);
-    close(src);
-    close(fd);
-    void *lib = dlopen(path, RTLD_NOW);
-    cr_assert_not_null(lib, "%s", dlerror());
-    unlink(path);
+    void *lib = dlopen_vanished_copy();
     int (*init)(void *) = (int (*)(void *))(uintptr_t)dlsym(lib, "spawn_lib_init");
     cr_assert_not_null(init);
     int fds = count_fds();
