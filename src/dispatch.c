@@ -685,8 +685,7 @@ bool pp__collect(pp_pool *pool, int id)
             on_message(pool, w, &m, s->out_text[i]);
         }
         atomic_store_explicit(&s->out_head, w->out_head, memory_order_release);
-        if (atomic_load(&s->sleeping)) /* it may be waiting for outbox room */
-            pp__ring_wake_worker(s);
+        pp__ring_wake_worker(s); /* it may be waiting for outbox room */
     }
     if (head - w->retired <= w->tail - w->retired)
         requeue_skipped(pool, w, head);

@@ -34,7 +34,12 @@ void pp__ring_notify_parent(struct pp_ctl *ctl, int wake_fd)
 
 void pp__ring_wake_worker(struct pp_slot *slot)
 {
-    atomic_fetch_add_explicit(&slot->doorbell, 1, memory_order_seq_cst);
-    if (atomic_load_explicit(&slot->sleeping, memory_order_seq_cst))
+    /* The doorbell moves only for a sleeper: its futex_wait compares the
+     * doorbell it read before it announced itself, so a bump after that
+     * announcement, which this fence lets us see, is never missed. */
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&slot->sleeping, memory_order_relaxed)) {
+        atomic_fetch_add_explicit(&slot->doorbell, 1, memory_order_seq_cst);
         pp__futex_wake(&slot->doorbell, 1);
+    }
 }

@@ -76,17 +76,25 @@ enum pp_worker_state {
 };
 
 struct pp_slot {
-    /* Written by the parent. */
+    /* Written by the parent; the worker spins on in_tail. */
     alignas(PP_CACHELINE) _Atomic uint32_t in_tail; /* inbox producer position */
     _Atomic uint32_t doorbell;                      /* futex: bumped to wake the worker */
-    _Atomic uint32_t out_head;                      /* outbox consumer position */
     _Atomic uint32_t quit;                          /* leave once the inbox is empty */
     _Atomic uint32_t stop;                          /* pp_task_should_stop() for the item */
+
+    /* Written by the parent at every collect, read by the worker only when
+     * its outbox looks full: a line of its own, so that the store stays in
+     * the parent's cache. */
+    alignas(PP_CACHELINE) _Atomic uint32_t out_head; /* outbox consumer position */
+
+    /* Written by the worker only when it goes to sleep or wakes, read by
+     * the parent at every wake-up check: a line of its own, so that the
+     * parent reads it from its own cache while the worker is busy. */
+    alignas(PP_CACHELINE) _Atomic uint32_t sleeping; /* waiting on doorbell */
 
     /* Written by the worker. */
     alignas(PP_CACHELINE) _Atomic uint32_t in_head; /* inbox consumer position */
     _Atomic uint32_t out_tail;                      /* outbox producer position */
-    _Atomic uint32_t sleeping;                      /* waiting on doorbell */
     _Atomic uint32_t state;                         /* enum pp_worker_state */
     _Atomic uint32_t busy;                          /* running the chunk at cur_seq */
     _Atomic uint32_t cur_seq;                       /* inbox position being run */

@@ -28,6 +28,9 @@ static struct pp_slot *current_slot;
 static int64_t soft_deadline; /* 0: none */
 static char fail_text[PP_MSG_TEXT];
 static int fail_set;
+/* The parent's outbox position as last read: the parent's line is read
+ * again only when the outbox looks full by it. */
+static uint32_t known_out_head;
 
 PP_API int pp_worker_id(void)
 {
@@ -82,16 +85,24 @@ static void wait_for_work(struct pp_slot *s, uint32_t head)
     }
 }
 
+static bool outbox_full(struct pp_slot *s, uint32_t tail)
+{
+    if (tail - known_out_head < PP_RING)
+        return false;
+    known_out_head = atomic_load_explicit(&s->out_head, memory_order_acquire);
+    return tail - known_out_head >= PP_RING;
+}
+
 /* Appends one message to the outbox, waiting while it is full. */
 static void post(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t kind, uint32_t seq,
                  uint32_t item, int status, const char *text)
 {
     uint32_t tail = atomic_load_explicit(&s->out_tail, memory_order_relaxed);
-    while (tail - atomic_load_explicit(&s->out_head, memory_order_acquire) >= PP_RING) {
+    while (outbox_full(s, tail)) {
         uint32_t bell = atomic_load(&s->doorbell);
         atomic_store(&s->sleeping, 1);
         atomic_thread_fence(memory_order_seq_cst);
-        if (tail - atomic_load(&s->out_head) < PP_RING) {
+        if (!outbox_full(s, tail)) {
             atomic_store(&s->sleeping, 0);
             break;
         }
@@ -213,6 +224,7 @@ _Noreturn void pp__worker_main(const struct pp_worker_cfg *cfg, int id)
     atomic_store(&s->state, PP_W_READY);
     pp__ring_notify_parent(cfg->ctl, cfg->wake_fd);
     current_slot = s;
+    known_out_head = atomic_load(&s->out_head);
 
     unsigned long chunks = 0;
     uint32_t head = atomic_load(&s->in_head);
