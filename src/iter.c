@@ -18,7 +18,9 @@
 #include <string.h>
 
 #define DEFAULT_WINDOW_MIN 1024
-#define PUMP_EVERY         16 /* items handed back between pumps while they are ready */
+#define REC_ITEMS          512   /* items per record, unless one chunk is more */
+#define REC_BYTES          65536 /* and their argument and result bytes */
+#define PUMP_EVERY         16    /* items handed back between pumps while they are ready */
 
 struct ready_item {
     struct pp_chunkrec *rec;
@@ -116,11 +118,18 @@ bool pp__iter_take(struct pp_iter *it, struct pp_piece *p)
     struct pp_chunkrec *rec = it->dhead;
     if (rec == NULL)
         return false;
-    it->undealt -= rec->count;
-    it->dhead = rec->dnext;
-    if (it->dhead == NULL)
-        it->dtail = NULL;
-    *p = (struct pp_piece){.job = it->job, .rec = rec, .start = rec->first, .count = rec->count};
+    uint32_t count = rec->count - rec->dealt;
+    if (count > it->chunksize)
+        count = (uint32_t)it->chunksize;
+    *p = (struct pp_piece){
+        .job = it->job, .rec = rec, .start = rec->first + rec->dealt, .count = count};
+    rec->dealt += count;
+    it->undealt -= count;
+    if (rec->dealt == rec->count) {
+        it->dhead = rec->dnext;
+        if (it->dhead == NULL)
+            it->dtail = NULL;
+    }
     pp__piece_hold(p);
     return true;
 }
@@ -180,9 +189,10 @@ void pp__iter_fail_undealt(struct pp_iter *it, int code, const char *why)
     struct pp_chunkrec *rec;
     while ((rec = it->dhead) != NULL) {
         it->dhead = rec->dnext;
-        it->undealt -= rec->count;
-        for (uint32_t i = 0; i < rec->count; i++)
+        it->undealt -= rec->count - rec->dealt;
+        for (uint32_t i = rec->dealt; i < rec->count; i++)
             pp__resolve_fail(it->job, rec, rec->first + i, code, 0, why);
+        rec->dealt = rec->count;
     }
     it->dtail = NULL;
 }
@@ -205,6 +215,20 @@ static bool wants_refill(const struct pp_iter *it)
     return !it->source_done && (out == 0 || out <= it->window / 2);
 }
 
+/* Items per record: whole chunks up to REC_ITEMS and REC_BYTES, at least
+ * one chunk. */
+static size_t rec_items(const struct pp_iter *it)
+{
+    size_t item_bytes = it->job->arg_size + it->job->result_size + 1;
+    size_t items = REC_BYTES / item_bytes;
+    if (items > REC_ITEMS)
+        items = REC_ITEMS;
+    items -= items % it->chunksize;
+    if (items < it->chunksize)
+        items = it->chunksize;
+    return items < UINT32_MAX ? items : UINT32_MAX;
+}
+
 /* Takes items while the window allows, one record at a time. Called with
  * mu held; drops it around the source. */
 static int refill(struct pp_iter *it)
@@ -221,7 +245,9 @@ static int refill(struct pp_iter *it)
             break;
         }
         size_t room = it->window - (it->taken - it->returned);
-        size_t cap = it->chunksize < room ? it->chunksize : room;
+        size_t cap = rec_items(it);
+        if (cap > room)
+            cap = room;
         struct pp_chunkrec *rec = rec_new(it, it->taken, cap);
         if (rec == NULL)
             return -ENOMEM;

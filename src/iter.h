@@ -6,12 +6,16 @@
 
 #include "pool.h"
 
-/* A chunk of an iterator's items: their arguments, results and states. */
+/* A batch of an iterator's consecutive items, taken from the source in one
+ * refill: their arguments, results and states. It is dealt chunk by chunk
+ * (pieces of at most the iterator's chunksize), so that a refill costs one
+ * allocation however small the chunks are. */
 struct pp_chunkrec {
     struct pp_chunkrec *next, *prev; /* iterator list, in input order */
-    struct pp_chunkrec *dnext;       /* not yet dealt, in input order */
+    struct pp_chunkrec *dnext;       /* not yet fully dealt, in input order */
     size_t first;                    /* input position of item 0 */
     uint32_t count;
+    uint32_t dealt;         /* items from item 0 already taken as pieces */
     uint32_t unreturned;    /* items not yet handed to the caller */
     uint32_t inflight;      /* pieces of it dealt or waiting to be dealt again */
     unsigned char *args;    /* count * arg_size */
