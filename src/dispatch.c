@@ -226,8 +226,29 @@ static size_t piece_limit(pp_pool *pool, const struct pp_job *job)
     return lim ? lim : 1;
 }
 
-/* Takes the next piece to run: requeued work first, then jobs in order. */
-bool pp__next_piece(pp_pool *pool, struct pp_piece *p)
+/* Chunks of one item cost the parent as much as big ones: a job with many
+ * left to deal gives up to BATCH_MAX of them to one inbox entry. Its items
+ * are still claimed one by one, so an idle worker gets the ones not yet
+ * started (steal) and an iterator sees the finished ones (harvest). */
+#define BATCH_MAX 16
+
+static size_t batch_for(const pp_pool *pool, const struct pp_job *job)
+{
+    /* A worker's task and memory limits count chunks: keep them per item. */
+    if (job->chunksize != 1 || pool->opts.max_tasks_per_child != 0 ||
+        pool->opts.max_memory_per_child != 0)
+        return 1;
+    size_t undealt = job->iter != NULL ? pp__iter_undealt(job->iter) : job->n - job->next;
+    size_t per = job->arg_size + job->result_size;
+    size_t b = undealt / (4 * (size_t)pool->nworkers);
+    if (per != 0 && b > PP_INLINE / per)
+        b = PP_INLINE / per;
+    return b < 1 ? 1 : b > BATCH_MAX ? BATCH_MAX : b;
+}
+
+/* Takes the next piece to run: requeued work first, then jobs in order,
+ * `batch` chunks at most (see batch_for). */
+static bool next_piece(pp_pool *pool, struct pp_piece *p, bool batch)
 {
     bool got;
     while ((got = retry_pop(pool, p)) && p->job->cancelled) {
@@ -240,8 +261,9 @@ bool pp__next_piece(pp_pool *pool, struct pp_piece *p)
             struct pp_job *job = pool->qhead;
             if (job == NULL)
                 return false;
+            size_t chunks = batch ? batch_for(pool, job) : 1;
             if (job->iter != NULL) {
-                if (!job->cancelled && pp__iter_take(job->iter, p))
+                if (!job->cancelled && pp__iter_take(job->iter, p, chunks))
                     break;
                 dequeue_head(pool);
                 continue;
@@ -250,7 +272,7 @@ bool pp__next_piece(pp_pool *pool, struct pp_piece *p)
                 dequeue_head(pool);
                 continue;
             }
-            size_t count = job->chunksize;
+            size_t count = job->chunksize * chunks;
             if (count > job->n - job->next)
                 count = job->n - job->next;
             *p = (struct pp_piece){.job = job, .start = job->next, .count = (uint32_t)count};
@@ -269,6 +291,11 @@ bool pp__next_piece(pp_pool *pool, struct pp_piece *p)
         pp__retry_push_front(pool, rest);
     }
     return true;
+}
+
+bool pp__next_piece(pp_pool *pool, struct pp_piece *p)
+{
+    return next_piece(pool, p, false); /* elsewhere: no steal, no harvest */
 }
 
 /* ---- posting -------------------------------------------------------------- */
@@ -355,6 +382,8 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
     desc->results = (uint64_t)(uintptr_t)d->res_addr;
     desc->arg_size = job->arg_size;
     desc->result_size = job->result_size;
+    atomic_store_explicit(&desc->claim, 0, memory_order_relaxed);
+    desc->guarded = !res_direct;
     atomic_store_explicit(&desc->state, PP_DESC_POSTED, memory_order_relaxed);
     atomic_store_explicit(&s->in_tail, pos + 1, memory_order_release);
     w->tail = pos + 1;
@@ -394,11 +423,11 @@ static void deal(pp_pool *pool)
     if (!room)
         return;
     struct pp_piece p;
-    bool have = pp__next_piece(pool, &p);
+    bool have = next_piece(pool, &p, true);
     /* Idle workers first. */
     for (int id = 0; have && id < pool->nworkers; id++)
         if (pending(&pool->w[id]) == 0 && try_post(pool, id, &p, 1))
-            have = pp__next_piece(pool, &p);
+            have = next_piece(pool, &p, true);
     /* Then one more each, round after round, up to the depth. */
     bool progress = true;
     while (have && progress) {
@@ -406,7 +435,7 @@ static void deal(pp_pool *pool)
         for (int id = 0; have && id < pool->nworkers; id++)
             if (try_post(pool, id, &p, depth_for(&p))) {
                 progress = true;
-                have = pp__next_piece(pool, &p);
+                have = next_piece(pool, &p, true);
             }
     }
     if (have)
@@ -472,6 +501,70 @@ static bool withdraw_one(pp_pool *pool, int idle)
     return false;
 }
 
+/* Items [from, count) of a dealt entry will not run there: they go back to
+ * the front of the queue as a piece of their own, and the entry ends at
+ * `from` (results and guard stay where they are). */
+static void give_back_tail(pp_pool *pool, struct pp_dealt *d, uint32_t from)
+{
+    struct pp_piece rest = d->piece;
+    rest.start += from;
+    rest.count -= from;
+    rest.deaths = 0;
+    d->piece.count = from;
+    pp__piece_hold(&rest);
+    pp__retry_push_front(pool, rest);
+}
+
+/* The entry worker `id` runs now: by our books the oldest one not settled,
+ * if its state word says it was claimed. NULL if none. */
+static struct pp_dealt *running_entry(pp_pool *pool, int id, uint32_t *pos)
+{
+    struct pp_worker *w = &pool->w[id];
+    for (*pos = w->retired; *pos != w->tail; (*pos)++) {
+        struct pp_dealt *d = &w->dealt[*pos & PP_RING_MASK];
+        if (d->done || d->withdrawn)
+            continue;
+        if (d->abandoned)
+            return NULL;
+        uint32_t state = atomic_load(&pool->ctl->slot[id].in[*pos & PP_RING_MASK].state);
+        return state == PP_DESC_CLAIMED ? d : NULL;
+    }
+    return NULL;
+}
+
+/* Makes the next claim in a claimed entry fail. Returns the first item that
+ * will not run there: from it on, the entry's items are ours again. */
+static uint32_t stop_claims(pp_pool *pool, int id, uint32_t pos, const struct pp_dealt *d)
+{
+    _Atomic uint32_t *claim = &pool->ctl->slot[id].in[pos & PP_RING_MASK].claim;
+    if (atomic_load_explicit(claim, memory_order_relaxed) >= d->piece.count)
+        return d->piece.count;
+    uint32_t from = atomic_exchange(claim, d->piece.count);
+    if (from < d->copied) /* a scribbled word: what we resolved stays */
+        from = d->copied;
+    return from < d->piece.count ? from : d->piece.count;
+}
+
+/* Takes back the items that a busy worker's running entry has not claimed
+ * yet, for an idle worker: the exchange makes the worker's next claim fail,
+ * so it stops after the item it runs and says how far it got. */
+static bool steal_tail(pp_pool *pool, int idle)
+{
+    for (int id = 0; id < pool->nworkers; id++) {
+        uint32_t pos;
+        struct pp_dealt *d;
+        if (id == idle || pool->w[id].state != PP_WS_READY ||
+            (d = running_entry(pool, id, &pos)) == NULL)
+            continue;
+        uint32_t from = stop_claims(pool, id, pos, d);
+        if (from < d->piece.count) {
+            give_back_tail(pool, d, from);
+            return true;
+        }
+    }
+    return false;
+}
+
 static void balance(pp_pool *pool)
 {
     if (pool->retry.len != 0 || pool->qhead != NULL)
@@ -479,10 +572,39 @@ static void balance(pp_pool *pool)
     for (int id = 0; id < pool->nworkers; id++) {
         if (pool->w[id].state != PP_WS_READY || pending(&pool->w[id]) != 0)
             continue;
-        if (!withdraw_one(pool, id))
+        if (!withdraw_one(pool, id) && !steal_tail(pool, id))
             return;
         deal(pool);
     }
+}
+
+/* An iterator's items may be finished inside an entry that still runs: the
+ * slot's item number says how far it got (the worker moves it only after an
+ * item returned, and posts a failure before). Copies and resolves them, so
+ * that a slow item does not hold back the ones before it. */
+static void harvest(pp_pool *pool, int id)
+{
+    uint32_t pos;
+    struct pp_dealt *d = running_entry(pool, id, &pos);
+    if (d == NULL || d->piece.rec == NULL || d->piece.count < 2)
+        return;
+    struct pp_slot *s = &pool->ctl->slot[id];
+    uint32_t k = atomic_load_explicit(&s->cur_item, memory_order_acquire);
+    /* cur_seq is written before cur_item: a k of the worker's next entry
+     * comes with its seq. */
+    if (!atomic_load_explicit(&s->busy, memory_order_acquire) ||
+        atomic_load_explicit(&s->cur_seq, memory_order_acquire) != pos)
+        return;
+    pp__collect(pool, id); /* the failures before item k */
+    if (d->done || d->withdrawn || k > d->piece.count || k <= d->copied ||
+        (d->canary != NULL && memcmp(d->canary, pool->guard, PP_GUARD) != 0))
+        return;
+    uint32_t from = d->copied;
+    pp__copy_out(d, from, k, d->res_addr);
+    d->copied = k;
+    d->nok += k - from;
+    pp__resolve_ok(d->piece.job, k - from);
+    pp__iter_ok(d->piece.rec, d->piece.start + from, k - from);
 }
 
 /* ---- collecting ----------------------------------------------------------- */
@@ -539,7 +661,7 @@ static bool guard_broken(pp_pool *pool, struct pp_dealt *d)
         memcmp(d->canary, pool->guard, PP_GUARD) == 0)
         return false;
     struct pp_job *job = d->piece.job;
-    pp__resolve_ok(job, d->copied - d->nfail);
+    pp__resolve_ok(job, d->copied - d->nfail - d->nok);
     if (d->piece.rec != NULL)
         pp__iter_ok(d->piece.rec, d->piece.start, d->copied);
     struct pp_piece rest = d->piece;
@@ -561,7 +683,7 @@ static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
             /* It stopped cooperatively (or finished) after it was cancelled. */
             pp__fail_piece(&d->piece, d->nfail, PP_ECANCELED, "cancelled; the task returned");
         } else if (!job->complete) {
-            pp__resolve_ok(job, d->piece.count - d->nfail);
+            pp__resolve_ok(job, d->piece.count - d->nfail - d->nok);
             if (d->piece.rec != NULL)
                 pp__iter_ok(d->piece.rec, d->piece.start, d->piece.count);
         }
@@ -575,6 +697,11 @@ static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
     pp__piece_release(pool, &d->piece);
 }
 
+static int msg_code(uint32_t kind)
+{
+    return kind == PP_MSG_FAIL ? PP_ETASK : kind == PP_MSG_NOTFOUND ? PP_ENOTFOUND : -EOVERFLOW;
+}
+
 /* `shared_text` is the message's text in the outbox, read only for failures. */
 static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *m,
                        const char *shared_text)
@@ -586,22 +713,26 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
         if (m->kind == PP_MSG_DONE)
             pp__release_abandoned(pool, d);
     } else if (m->kind == PP_MSG_DONE) {
+        uint32_t ran = m->item > d->copied ? m->item : d->copied;
+        if (ran < d->piece.count) /* it stopped early: the rest runs elsewhere */
+            give_back_tail(pool, d, ran);
         settle_done(pool, w, d);
-    } else if ((m->kind == PP_MSG_FAIL || m->kind == PP_MSG_NOTFOUND) && m->item < d->piece.count &&
-               (d->nfail == 0 || m->item > d->last_fail)) {
+    } else if ((m->kind == PP_MSG_FAIL || m->kind == PP_MSG_NOTFOUND ||
+                m->kind == PP_MSG_OVERRUN) &&
+               m->item < d->piece.count && m->item >= d->copied) {
         char text[PP_MSG_TEXT];
         memcpy(text, shared_text, sizeof text);
         text[sizeof text - 1] = '\0';
         /* NOTFOUND fails the rest of the chunk (our count, not the worker's). */
-        uint32_t last = m->kind == PP_MSG_FAIL ? m->item : d->piece.count - 1;
+        uint32_t last = m->kind == PP_MSG_NOTFOUND ? d->piece.count - 1 : m->item;
         for (uint32_t item = m->item; item <= last; item++) {
             d->nfail++;
             d->last_fail = item;
             /* A failed item's slot is left as it was: copy what precedes it. */
             pp__copy_out(d, d->copied, item, d->res_addr);
             d->copied = item + 1;
-            pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + item,
-                             m->kind == PP_MSG_FAIL ? PP_ETASK : PP_ENOTFOUND, m->status, text);
+            pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + item, msg_code(m->kind),
+                             m->status, text);
         }
     }
 }
@@ -612,7 +743,7 @@ void pp__keep_finished(pp_pool *pool, struct pp_dealt *d)
 {
     struct pp_piece *p = &d->piece;
     if (!p->job->complete) { /* results before `copied` were copied at each FAIL */
-        pp__resolve_ok(p->job, d->copied - d->nfail);
+        pp__resolve_ok(p->job, d->copied - d->nfail - d->nok);
         if (p->rec != NULL)
             pp__iter_ok(p->rec, p->start, d->copied);
     }
@@ -633,7 +764,7 @@ void pp__keep_finished(pp_pool *pool, struct pp_dealt *d)
  * what precedes it counts as finished, as for a started chunk. */
 void pp__requeue_dealt(pp_pool *pool, struct pp_dealt *d)
 {
-    if (d->nfail == 0) {
+    if (d->copied == 0) {
         pp__retry_push_front(pool, d->piece);
         return;
     }
@@ -803,8 +934,18 @@ static void withdraw_job(pp_pool *pool, struct pp_job *job)
                 continue;
             uint32_t expect = PP_DESC_POSTED;
             if (!atomic_compare_exchange_strong(&s->in[pos & PP_RING_MASK].state, &expect,
-                                                PP_DESC_WITHDRAWN))
+                                                PP_DESC_WITHDRAWN)) {
+                /* Claimed: what it has not started yet never runs. */
+                uint32_t from = stop_claims(pool, id, pos, d);
+                if (from < d->piece.count) {
+                    struct pp_piece rest = d->piece;
+                    rest.start += from;
+                    rest.count -= from;
+                    d->piece.count = from;
+                    pp__fail_piece(&rest, 0, PP_ECANCELED, "cancelled");
+                }
                 continue;
+            }
             d->withdrawn = true;
             pp__payload_free(&pool->payload, &d->extent);
             pp__fail_piece(&d->piece, d->nfail, PP_ECANCELED, "cancelled");
@@ -941,6 +1082,10 @@ void pp__pump(pp_pool *pool)
         if (w->state == PP_WS_READY || w->state == PP_WS_EXITING)
             pp__collect(pool, id);
     }
+    if (!pool->progress) /* whoever pumps may wait for an item of a running entry */
+        for (int id = 0; id < pool->nworkers; id++)
+            if (pool->w[id].state == PP_WS_READY)
+                harvest(pool, id);
     if (pool->opts.task_timeout > 0 || pool->cancels > 0)
         pp__check_timeouts(pool, now);
     if (!pool->terminated && !pool->broken) {

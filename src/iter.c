@@ -113,14 +113,14 @@ size_t pp__iter_undealt(const struct pp_iter *it)
     return it->undealt;
 }
 
-bool pp__iter_take(struct pp_iter *it, struct pp_piece *p)
+bool pp__iter_take(struct pp_iter *it, struct pp_piece *p, size_t chunks)
 {
     struct pp_chunkrec *rec = it->dhead;
     if (rec == NULL)
         return false;
     uint32_t count = rec->count - rec->dealt;
-    if (count > it->chunksize)
-        count = (uint32_t)it->chunksize;
+    if (count > it->chunksize * chunks)
+        count = (uint32_t)(it->chunksize * chunks);
     *p = (struct pp_piece){
         .job = it->job, .rec = rec, .start = rec->first + rec->dealt, .count = count};
     rec->dealt += count;

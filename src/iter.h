@@ -26,8 +26,9 @@ struct pp_chunkrec {
 
 enum pp_item_state { PP_ITEM_PENDING = 0, PP_ITEM_OK, PP_ITEM_FAILED, PP_ITEM_RETURNED };
 
-/* Takes the iterator's next undealt chunk as a piece. mu held. */
-bool pp__iter_take(struct pp_iter *it, struct pp_piece *p);
+/* Takes the iterator's next `chunks` undealt chunks (of one record) as a
+ * piece. mu held. */
+bool pp__iter_take(struct pp_iter *it, struct pp_piece *p, size_t chunks);
 /* Items [start, start + count) of rec finished; those not failed are OK. */
 void pp__iter_ok(struct pp_chunkrec *rec, size_t start, size_t count);
 /* Item `index` failed. */

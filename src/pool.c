@@ -881,12 +881,18 @@ PP_API int pp_pool_stats(pp_pool *pool, pp_stats *out)
         if (w->state == PP_WS_READY || w->state == PP_WS_STARTING)
             out->workers++;
         uint32_t cur = atomic_load(&pool->ctl->slot[id].cur_seq);
+        uint32_t item = atomic_load(&pool->ctl->slot[id].cur_item);
         bool busy = atomic_load(&pool->ctl->slot[id].busy) && w->state == PP_WS_READY;
         for (uint32_t pos = w->retired; pos != w->tail; pos++) {
             struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
             if (d->done || d->withdrawn || d->abandoned)
                 continue;
-            uint32_t left = d->piece.count - d->nfail; /* failed items are counted */
+            /* Items before `copied` are finished, and so are those before
+             * the one the worker runs. */
+            uint32_t first = d->copied;
+            if (busy && pos == cur && item > first && item < d->piece.count)
+                first = item;
+            uint32_t left = d->piece.count - first;
             if (busy && pos == cur && left > 0) {
                 running++;
                 left--;

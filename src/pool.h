@@ -79,6 +79,7 @@ struct pp_dealt {
     uint32_t nfail;          /* FAIL messages seen */
     uint32_t last_fail;      /* item of the last FAIL */
     uint32_t copied;         /* items before this one were copied out or skipped */
+    uint32_t nok;            /* items before `copied` resolved early (harvest) */
     int64_t posted_ns;       /* when it was dealt (the pump's clock) */
     bool results_in_place;   /* the worker wrote results straight to the caller */
     unsigned char *canary;   /* after the results in our payload, or NULL */

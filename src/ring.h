@@ -41,23 +41,31 @@ enum pp_desc_state {
     PP_DESC_WITHDRAWN = 3, /* the parent took it back; the worker skips it */
 };
 
-/* One chunk of consecutive items, as the worker sees it. */
+/* One chunk of consecutive items, as the worker sees it. The worker claims
+ * its items one by one from `claim` (item i is its to run only if the
+ * fetch-and-add returns i), so that the parent can take back the items not
+ * yet claimed (an exchange) and give them to an idle worker. */
 struct pp_desc {
     _Atomic uint32_t state;
-    uint32_t count;   /* items in the chunk */
-    uint64_t fn;      /* fork: the pp_fn address (same in every forked process);
-                         spawn: PP_FN_CODE(object index, offset), see spawn_method.h */
-    uint64_t args;    /* address of the first argument */
-    uint64_t results; /* address of the first result */
+    uint32_t count;         /* items in the chunk */
+    _Atomic uint32_t claim; /* the next item to claim */
+    uint32_t guarded;       /* the parent's guard follows the results (see worker.c) */
+    uint64_t fn;            /* fork: the pp_fn address (same in every forked process);
+                               spawn: PP_FN_CODE(object index, offset), see spawn_method.h */
+    uint64_t args;          /* address of the first argument */
+    uint64_t results;       /* address of the first result */
     uint64_t arg_size;
     uint64_t result_size;
 };
 
 enum pp_msg_kind {
-    PP_MSG_DONE = 1,     /* the whole chunk at inbox position `seq` has run */
+    PP_MSG_DONE = 1,     /* the chunk at inbox position `seq` has run: its first
+                            `item` items (the rest was taken back) */
     PP_MSG_FAIL = 2,     /* item `item` of that chunk returned non-zero `status` */
     PP_MSG_NOTFOUND = 3, /* items `item` to the chunk's end: its function names nothing
                             here (spawn) */
+    PP_MSG_OVERRUN = 4,  /* item `item` wrote past its result_size, into the results of
+                            the chunk's next items (which then ran on clean bytes) */
 };
 
 /* 16 bytes, four to a cache line: the parent reads a DONE without touching

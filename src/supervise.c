@@ -98,7 +98,7 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
     pp__copy_out(d, d->copied, k, d->res_addr);
     if (!job->complete) {
         uint32_t failed_before = d->nfail - (already_failed ? 1 : 0);
-        pp__resolve_ok(job, k - failed_before);
+        pp__resolve_ok(job, k - failed_before - d->nok);
         if (p->rec != NULL)
             pp__iter_ok(p->rec, p->start, k);
         if (!already_failed)

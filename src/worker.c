@@ -122,8 +122,44 @@ static void post(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t ki
     atomic_store_explicit(&s->out_tail, tail + 1, memory_order_release);
 }
 
-static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const struct pp_desc *d,
-                     pp_fn *fn, uint32_t seq, uint32_t i)
+/* What lies past a chunk's results when the parent guards them: its guard
+ * (and the padding before it), as the chunk found it. */
+static unsigned char guard_copy[PP_GUARD + 16];
+static size_t guard_len;
+
+static void keep_guard(const struct pp_desc *d)
+{
+    size_t rbytes = (size_t)d->count * d->result_size;
+    guard_len = d->guarded ? ((rbytes + 15) & ~(size_t)15) - rbytes + PP_GUARD : 0;
+    memcpy(guard_copy, (const unsigned char *)(uintptr_t)d->results + rbytes, guard_len);
+}
+
+/* Past an item's result lie the next items' results, zero until they run,
+ * then the guard: anything else there means item i wrote past its
+ * result_size. The bytes are put back, so that the next items start as they
+ * should and the parent finds its guard whole: only item i fails. (An
+ * overrun that skips these bytes still meets the parent's own check of the
+ * guard, which fails the rest of the chunk.) */
+static bool overran(const struct pp_desc *d, uint32_t i)
+{
+    unsigned char *res = (unsigned char *)(uintptr_t)d->results;
+    size_t from = (size_t)(i + 1) * d->result_size, end = (size_t)d->count * d->result_size;
+    size_t zeros = end - from < PP_GUARD ? end - from : PP_GUARD;
+    bool bad = false;
+    for (size_t k = 0; k < zeros && !bad; k++)
+        bad = res[from + k] != 0;
+    if (bad)
+        memset(res + from, 0, zeros);
+    if (zeros < PP_GUARD && guard_len != 0 && memcmp(res + end, guard_copy, guard_len) != 0) {
+        memcpy(res + end, guard_copy, guard_len);
+        bad = true;
+    }
+    return bad;
+}
+
+/* Returns the task's return value. */
+static int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const struct pp_desc *d,
+                    pp_fn *fn, uint32_t seq, uint32_t i)
 {
     const unsigned char *arg = (const unsigned char *)(uintptr_t)d->args + i * d->arg_size;
     unsigned char *res = (unsigned char *)(uintptr_t)d->results + i * d->result_size;
@@ -146,6 +182,7 @@ static void run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const s
             snprintf(text, sizeof text, "task returned %d", rc);
         post(cfg, s, PP_MSG_FAIL, seq, i, rc, text);
     }
+    return rc;
 }
 
 /* Runs the entry at `head` if we win it; false if the parent withdrew it. */
@@ -155,7 +192,7 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
     if (cfg->timing)
         atomic_store_explicit(&s->item_start, pp__now_ns(), memory_order_release);
     atomic_store_explicit(&s->cur_seq, head, memory_order_relaxed);
-    atomic_store_explicit(&s->cur_item, 0, memory_order_relaxed);
+    atomic_store_explicit(&s->cur_item, 0, memory_order_release); /* after cur_seq */
     /* Busy before the claim: a worker stopped or preempted between the two
      * must still be seen as running, or its task_timeout would never fire.
      * The parent charges nothing for an entry still POSTED. */
@@ -170,9 +207,12 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
     struct pp_desc copy;
     memcpy(&copy, shared, sizeof copy);
     const struct pp_desc *d = &copy;
-    if (d->result_size) /* every result starts as zero bytes; one memset per chunk */
+    if (d->result_size) { /* every result starts as zero bytes; one memset per chunk */
         memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
+        keep_guard(d);
+    }
     pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
+    uint32_t ran = d->count;
     if (cfg->objects != NULL && (fn = pp__spawn_resolve(cfg->objects, d->fn)) == NULL) {
         /* Nothing to run: one message fails every item of the chunk (the
          * parent knows how many; a scribbled count cannot make us loop),
@@ -180,10 +220,18 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
         post(cfg, s, PP_MSG_NOTFOUND, head, 0, 0,
              "the task's function cannot be found in the spawned worker");
     } else {
-        for (uint32_t i = 0; i < d->count; i++)
-            run_item(cfg, s, d, fn, head, i);
+        /* Claimed one by one: a claim that does not return the item's
+         * index means the parent took the rest back (or a task scribbled
+         * the word: the parent runs the rest again). */
+        for (ran = 0; ran < d->count; ran++) {
+            if (atomic_fetch_add_explicit(&shared->claim, 1, memory_order_acq_rel) != ran)
+                break;
+            if (run_item(cfg, s, d, fn, head, ran) == 0 && d->result_size != 0 && overran(d, ran))
+                post(cfg, s, PP_MSG_OVERRUN, head, ran, 0,
+                     "a task of this chunk wrote past its result_size");
+        }
     }
-    post(cfg, s, PP_MSG_DONE, head, d->count, 0, NULL);
+    post(cfg, s, PP_MSG_DONE, head, ran, 0, NULL);
     atomic_store_explicit(&s->busy, 0, memory_order_release);
     atomic_store_explicit(&s->stop, 0, memory_order_relaxed);
     return true;

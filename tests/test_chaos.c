@@ -24,6 +24,7 @@
 #include <linux/futex.h>
 #include <procpool.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -120,6 +121,30 @@ static void wait_dead(int pid)
         usleep(200);
 }
 
+/* After a SIGSTOP: whether worker `id` (process pid) stopped inside a task.
+ * A worker stopped between tasks is no task's timeout: the pool has nothing
+ * to kill it for, and the striker would wait for its death for ever. */
+static bool frozen_in_task(int id, int pid)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    for (;;) { /* until the signal has landed: state T, or gone */
+        FILE *f = fopen(path, "r");
+        if (f == NULL)
+            return false;
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = '\0';
+        const char *close = strrchr(buf, ')');
+        if (close == NULL || close[1] == '\0' || close[2] == 'Z' || close[2] == 'X')
+            return false;
+        if (close[2] == 'T' || close[2] == 't')
+            break;
+        sched_yield();
+    }
+    return atomic_load(&C->in_task[id]) == pid;
+}
+
 static void *strike(void *arg)
 {
     struct striker *s = arg;
@@ -147,6 +172,10 @@ static void *strike(void *arg)
                     for (int j = 0; j < nf; j++)
                         known |= frozen[j] == pid;
                     if (pid != 0 && !known && process_alive(pid) && kill(pid, SIGSTOP) == 0) {
+                        if (!frozen_in_task(k, pid)) { /* its task ended first */
+                            kill(pid, SIGCONT);
+                            continue;
+                        }
                         frozen[nf++] = pid;
                         s->strikes++;
                     }

@@ -75,6 +75,7 @@ enum {
     DO_SCRIBBLE_QUIET,     /* scribbles, then dies */
     DO_SCRIBBLE_ALL_ONCE,  /* DO_SCRIBBLE_ALL the first time it runs only */
     DO_SCRIBBLE_SLOT_ONCE, /* DO_SCRIBBLE_SLOT the first time it runs only */
+    DO_RESET_CLAIM,        /* sets its chunk's claim word back to item 0 */
 };
 
 struct item {
@@ -122,7 +123,7 @@ static int hostile(const void *arg, void *result)
         for (int k = 0; k < 40; k++) {
             struct pp_msg *m = &s->out[(tail + k) & PP_RING_MASK];
             uint64_t x = xorshift64(&rng);
-            m->kind = (uint32_t)(x % 4);
+            m->kind = (uint32_t)(x % 5);
             m->seq = seq + (uint32_t)((x >> 8) % 9) - 4; /* near the truth */
             m->item = (uint32_t)(x >> 16) % 3 ? (uint32_t)((x >> 20) % 40) : (uint32_t)x;
             m->status = (int32_t)(x >> 32);
@@ -132,6 +133,11 @@ static int hostile(const void *arg, void *result)
         atomic_store(&s->out_tail, tail + 40);
         atomic_store(&s->cur_item, (uint32_t)xorshift64(&rng));
         atomic_store(&s->item_start, (int64_t)xorshift64(&rng));
+        break;
+    }
+    case DO_RESET_CLAIM: {
+        struct pp_slot *s = &((struct pp_ctl *)ctl)->slot[id];
+        atomic_store(&s->in[atomic_load(&s->cur_seq) & PP_RING_MASK].claim, 0);
         break;
     }
     case DO_OVERFLOW: /* its own result right, then 31 more past it */
@@ -381,6 +387,23 @@ Test(hostile, task_writes_past_its_result, .init = setup, .fini = teardown,
         cr_assert_eq(wrong, 0, "chunk %d: %d items came back successful with wrong results (rc %d)",
                      chunk, wrong, rc);
         cr_assert_neq(rc, 0, "chunk %d: the overrun went unreported", chunk);
+        pp_pool_free(pool);
+    }
+}
+
+/* A task that resets its chunk's claim word makes its worker stop after it
+ * (the next claim does not return the next item): the worker says how far
+ * it got, and the rest of the chunk runs again, none of it lost. */
+Test(hostile, task_resets_its_claim_word, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    for (size_t chunk = 1; chunk <= 16; chunk *= 4) {
+        pp_pool *pool = new_pool(0);
+        pp_error err;
+        int wrong;
+        int rc = map_with(pool, 400, 37, DO_RESET_CLAIM, 0, chunk, &err, &wrong);
+        cr_assert_eq(rc, 0, "chunk %zu: %s", chunk, err.message);
+        cr_assert_eq(wrong, 0, "chunk %zu: %d wrong results", chunk, wrong);
         pp_pool_free(pool);
     }
 }

@@ -245,3 +245,89 @@ Test(iter, handles_outlive_the_pool, .timeout = PP_TEST_TIMEOUT(30))
     pp_iter_free(it);
     pp_async_free(a); /* the last handle releases the pool's memory */
 }
+
+/* Item -1 waits until every other item has run; the others count. */
+static int last_to_finish(const void *arg, void *result)
+{
+    int x = *(const int *)arg;
+    if (x == -1)
+        wait_flag(&flags->count, *(const int *)((const char *)arg + sizeof(int)));
+    else
+        atomic_fetch_add(&flags->count, 1);
+    *(int *)result = x * 10;
+    return 0;
+}
+
+/* Chunks of one item are dealt several to an inbox entry when many are
+ * left: the items of an entry that its worker has not started must go to
+ * an idle worker, or a slow item holds back every one behind it. */
+Test(iter, a_slow_item_holds_back_no_item_dealt_with_it, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    enum { N = 2000 };
+    int(*in)[2] = calloc(N, sizeof *in);
+    int *out = calloc(N, sizeof *out);
+    for (int i = 0; i < N; i++)
+        in[i][0] = i;
+    for (int k = 0; k < 3; k++) { /* the slow item first, then in the middle of the stream */
+        int slow = (int[]){0, 5, 1001}[k];
+        atomic_store(&flags->count, 0);
+        in[slow][0] = -1;
+        in[slow][1] = N - 1; /* it returns once all the others ran */
+        cr_assert_eq(pp_map(pool, last_to_finish, in, N, sizeof *in, out, sizeof *out, 1, NULL), 0);
+        for (int i = 0; i < N; i++)
+            cr_assert_eq(out[i], i == slow ? -10 : i * 10);
+        in[slow][0] = slow;
+        /* The same through an unordered iterator. */
+        atomic_store(&flags->count, 0);
+        in[slow][0] = -1;
+        pp_iter *it = pp_imap_unordered(pool, last_to_finish, in, N, sizeof *in, sizeof(int), 1);
+        int r, got = 0;
+        size_t index;
+        while (pp_iter_next(it, &r, &index, -1, NULL) == 1) {
+            cr_assert_eq(r, (int)index == slow ? -10 : (int)index * 10);
+            got++;
+        }
+        cr_assert_eq(got, N);
+        pp_iter_free(it);
+        in[slow][0] = slow;
+    }
+    free(in);
+    free(out);
+    pp_pool_free(pool);
+}
+
+/* In order, the items before a slow one in the same inbox entry are handed
+ * back while it still runs: the parent reads how far the entry got. */
+Test(iter, items_before_a_slow_one_are_handed_back_while_it_runs, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    enum { N = 2000 };
+    int *in = malloc(N * sizeof *in);
+    fill(in, N);
+    in[3] = -1; /* held until released */
+    pp_iter *it = pp_imap(pool, task, in, N, sizeof(int), sizeof(int), 1);
+    int r;
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(pp_iter_next(it, &r, NULL, 10.0 * slow_factor(), NULL), 1,
+                     "item %d is held back by the slow item 3", i);
+        cr_assert_eq(r, i * 10);
+    }
+    cr_assert_eq(atomic_load(&flags->release), 0);
+    atomic_store(&flags->release, 1);
+    for (int i = 3; i < N; i++) {
+        int rc = pp_iter_next(it, &r, NULL, -1, NULL);
+        if (i == 13)
+            cr_assert_eq(rc, PP_ECRASH);
+        else if (i == 21)
+            cr_assert_eq(rc, PP_ETASK);
+        else
+            cr_assert_eq(r, in[i] * 10, "item %d", i);
+    }
+    cr_assert_eq(pp_iter_next(it, &r, NULL, -1, NULL), 0);
+    pp_iter_free(it);
+    free(in);
+    pp_pool_free(pool);
+}

@@ -223,6 +223,32 @@ static int overflow_on_70(const void *arg, void *result)
     return 0;
 }
 
+/* Inside a chunk, an item that writes past its result lands on the next
+ * items' results: the worker sees it, reports that item alone, and the
+ * items after it run on clean bytes. */
+Test(map, overrun_inside_a_chunk_fails_only_that_item, .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    enum { N = 100 };
+    int in[N], out[N];
+    for (int i = 0; i < N; i++)
+        in[i] = i;
+    for (size_t chunk = 1; chunk <= 20; chunk *= 20) { /* 1: several chunks per entry */
+        pp_error err;
+        memset(out, 0, sizeof out);
+        cr_assert_eq(
+            pp_map(pool, overflow_on_70, in, N, sizeof(int), out, sizeof(int), chunk, &err),
+            -EOVERFLOW, "chunk %zu", chunk);
+        cr_assert_eq(err.index, 70, "chunk %zu: item %zu failed: %s", chunk, err.index,
+                     err.message);
+        cr_assert_eq(err.failed, 1, "chunk %zu: %zu failed", chunk, err.failed);
+        for (int i = 0; i < N; i++)
+            if (i != 70)
+                cr_assert_eq(out[i], i, "chunk %zu, item %d", chunk, i);
+    }
+    pp_pool_free(pool);
+}
+
 /* The parent skips rewriting a guard it found intact in the same place:
  * that must neither miss an overrun in a reused inbox buffer nor report
  * one after the guard was broken and the buffer is used again. */
@@ -265,10 +291,14 @@ Test(map, writing_past_result_size_is_reported, .timeout = PP_TEST_TIMEOUT(30))
     cr_assert(strstr(err.message, "result_size") != NULL, "%s", err.message);
     for (int i = 0; i < 9; i++)
         cr_assert_eq(out[i], i);
-    /* In one chunk of ten, every item of the chunk may be affected: all fail. */
+    /* In one chunk of ten too: the worker checks the bytes past each result. */
+    memset(out, 0, sizeof out);
     cr_assert_eq(pp_map(pool, overflow_on_9, in, 10, sizeof(int), out, sizeof(int), 10, &err),
                  -EOVERFLOW);
-    cr_assert_eq(err.failed, 10);
+    cr_assert_eq(err.index, 9);
+    cr_assert_eq(err.failed, 1);
+    for (int i = 0; i < 9; i++)
+        cr_assert_eq(out[i], i);
     /* The next call's arguments were not touched by it. */
     cr_assert_eq(pp_map(pool, square, in, 9, sizeof(int), out, sizeof(int), 3, NULL), 0);
     for (int i = 0; i < 9; i++)
