@@ -396,6 +396,18 @@ static uint32_t pending(const struct pp_worker *w)
     return w->tail - w->retired;
 }
 
+/* Entries a worker still runs or has to run: pending ones less those
+ * settled or taken back and not retired yet. */
+static uint32_t live(const struct pp_worker *w)
+{
+    uint32_t n = 0;
+    for (uint32_t pos = w->retired; pos != w->tail; pos++) {
+        const struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
+        n += !d->done && !d->withdrawn;
+    }
+    return n;
+}
+
 static uint32_t depth_for(const struct pp_piece *p)
 {
     const struct pp_job *job = p->job;
@@ -456,7 +468,7 @@ static void deal(pp_pool *pool)
 static bool lone_unclaimed(pp_pool *pool, int id)
 {
     struct pp_worker *w = &pool->w[id];
-    if (pending(w) != 1)
+    if (live(w) != 1)
         return false;
     for (uint32_t pos = w->retired; pos != w->tail; pos++) {
         struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
@@ -472,8 +484,8 @@ static bool withdraw_one(pp_pool *pool, int idle)
     int victim = -1;
     uint32_t most = 1;
     for (int id = 0; id < pool->nworkers; id++)
-        if (id != idle && pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) > most) {
-            most = pending(&pool->w[id]);
+        if (id != idle && pool->w[id].state == PP_WS_READY && live(&pool->w[id]) > most) {
+            most = live(&pool->w[id]);
             victim = id;
         }
     /* Every other worker holds one entry: it is running it, unless it never

@@ -42,9 +42,10 @@ enum pp_desc_state {
 };
 
 /* One chunk of consecutive items, as the worker sees it. The worker claims
- * its items one by one from `claim` (item i is its to run only if the
- * fetch-and-add returns i), so that the parent can take back the items not
- * yet claimed (an exchange) and give them to an idle worker. */
+ * its items a few at a time from `claim` (items from i on are its to run
+ * only if the fetch-and-add returns i; see worker.c run_claimed), so that
+ * the parent can take back the items not yet claimed (an exchange) and give
+ * them to an idle worker. */
 struct pp_desc {
     _Atomic uint32_t state;
     uint32_t count;         /* items in the chunk */

@@ -126,35 +126,60 @@ static void post(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t ki
  * (and the padding before it), as the chunk found it. */
 static unsigned char guard_copy[PP_GUARD + 16];
 static size_t guard_len;
+static uint64_t result_mask; /* over 8 bytes at a result: its first bytes (at most 8) */
 
 static void keep_guard(const struct pp_desc *d)
 {
     size_t rbytes = (size_t)d->count * d->result_size;
     guard_len = d->guarded ? ((rbytes + 15) & ~(size_t)15) - rbytes + PP_GUARD : 0;
+    result_mask = 0;
+    memset(&result_mask, 0xff, d->result_size < 8 ? d->result_size : 8);
     memcpy(guard_copy, (const unsigned char *)(uintptr_t)d->results + rbytes, guard_len);
 }
 
-/* Past an item's result lie the next items' results, zero until they run,
- * then the guard: anything else there means item i wrote past its
- * result_size. The bytes are put back, so that the next items start as they
- * should and the parent finds its guard whole: only item i fails. (An
- * overrun that skips these bytes still meets the parent's own check of the
- * guard, which fails the rest of the chunk.) */
+/* Whether the first bytes of a result that has not run yet (at most 8 of
+ * its r; `left` bytes of results follow p) are not zero any more. One load
+ * for most: items of a few nanoseconds feel a loop. */
+static bool next_result_written(const unsigned char *p, size_t left, size_t r)
+{
+    size_t look = r < 8 ? r : 8;
+    if (left >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        return (v & result_mask) != 0;
+    }
+    for (size_t k = 0; k < look; k++)
+        if (p[k] != 0)
+            return true;
+    return false;
+}
+
+/* Past an item's result lies the next item's result, zero until it runs,
+ * and past the chunk's last result the guard: anything else there means
+ * item i wrote past its result_size. Only the next result's first 8 bytes
+ * are looked at, where an overrun starts, so the check costs one load per
+ * item. When one is found, up to
+ * PP_GUARD bytes after the item are put back (zeroes, then the guard as the
+ * chunk found it), so that the next items start as they should and the
+ * parent finds its guard whole: only item i fails. An overrun that skips
+ * those bytes still meets the parent's own check of the guard. */
 static bool overran(const struct pp_desc *d, uint32_t i)
 {
     unsigned char *res = (unsigned char *)(uintptr_t)d->results;
     size_t from = (size_t)(i + 1) * d->result_size, end = (size_t)d->count * d->result_size;
-    size_t zeros = end - from < PP_GUARD ? end - from : PP_GUARD;
-    bool bad = false;
-    for (size_t k = 0; k < zeros && !bad; k++)
-        bad = res[from + k] != 0;
-    if (bad)
-        memset(res + from, 0, zeros);
-    if (zeros < PP_GUARD && guard_len != 0 && memcmp(res + end, guard_copy, guard_len) != 0) {
-        memcpy(res + end, guard_copy, guard_len);
-        bad = true;
+    bool bad;
+    if (from < end) {
+        bad = next_result_written(res + from, end - from, d->result_size);
+    } else {
+        bad = guard_len != 0 && memcmp(res + end, guard_copy, guard_len) != 0;
     }
-    return bad;
+    if (!bad)
+        return false;
+    size_t zeros = end - from < PP_GUARD ? end - from : PP_GUARD;
+    memset(res + from, 0, zeros);
+    if (zeros < PP_GUARD && guard_len != 0)
+        memcpy(res + end, guard_copy, guard_len);
+    return true;
 }
 
 /* Returns the task's return value. */
@@ -183,6 +208,33 @@ static int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const st
         post(cfg, s, PP_MSG_FAIL, seq, i, rc, text);
     }
     return rc;
+}
+
+/* Runs the items of a claimed entry, claiming them a few at a time: a
+ * sixteenth of the entry (one by one in entries of up to 16 items), so
+ * that the parent can take back most of a long chunk's items for an idle
+ * worker at the cost of 16 atomic operations per chunk. A claim that does
+ * not return the next item's index means the parent took the rest back (or
+ * a task scribbled the word: the parent runs the rest again). *ran: how
+ * many items, from the first, ran here. */
+static void run_claimed(const struct pp_worker_cfg *cfg, struct pp_slot *s, struct pp_desc *shared,
+                        const struct pp_desc *d, pp_fn *fn, uint32_t head, uint32_t *ran)
+{
+    uint32_t step = (d->count + 15) / 16, end = 0;
+    /* Overruns are told apart per item in entries of up to 16 items (batches
+     * of chunks of one, small chunks); in longer chunks, whose items are
+     * usually a few nanoseconds each, the parent's guard alone catches them. */
+    bool check = d->result_size != 0 && d->count <= 16;
+    for (*ran = 0; *ran < d->count; (*ran)++) {
+        if (*ran == end) {
+            if (atomic_fetch_add_explicit(&shared->claim, step, memory_order_acq_rel) != end)
+                break;
+            end = (uint64_t)end + step < d->count ? end + step : d->count;
+        }
+        if (run_item(cfg, s, d, fn, head, *ran) == 0 && check && overran(d, *ran))
+            post(cfg, s, PP_MSG_OVERRUN, head, *ran, 0,
+                 "a task of this chunk wrote past its result_size");
+    }
 }
 
 /* Runs the entry at `head` if we win it; false if the parent withdrew it. */
@@ -220,16 +272,7 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
         post(cfg, s, PP_MSG_NOTFOUND, head, 0, 0,
              "the task's function cannot be found in the spawned worker");
     } else {
-        /* Claimed one by one: a claim that does not return the item's
-         * index means the parent took the rest back (or a task scribbled
-         * the word: the parent runs the rest again). */
-        for (ran = 0; ran < d->count; ran++) {
-            if (atomic_fetch_add_explicit(&shared->claim, 1, memory_order_acq_rel) != ran)
-                break;
-            if (run_item(cfg, s, d, fn, head, ran) == 0 && d->result_size != 0 && overran(d, ran))
-                post(cfg, s, PP_MSG_OVERRUN, head, ran, 0,
-                     "a task of this chunk wrote past its result_size");
-        }
+        run_claimed(cfg, s, shared, d, fn, head, &ran);
     }
     post(cfg, s, PP_MSG_DONE, head, ran, 0, NULL);
     atomic_store_explicit(&s->busy, 0, memory_order_release);

@@ -331,3 +331,25 @@ Test(iter, items_before_a_slow_one_are_handed_back_while_it_runs, .init = setup,
     free(in);
     pp_pool_free(pool);
 }
+
+/* Two slow items on two workers, each waiting for every other item: the
+ * third worker must take all the rest from both, whichever of the two holds
+ * more entries taken back already (they count for nothing). */
+Test(iter, an_idle_worker_takes_from_every_busy_one, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 3});
+    enum { N = 600 };
+    int(*in)[2] = calloc(N, sizeof *in);
+    int *out = calloc(N, sizeof *out);
+    for (int i = 0; i < N; i++)
+        in[i][0] = i;
+    in[0][0] = in[16][0] = -1; /* the first items of the first two entries */
+    in[0][1] = in[16][1] = N - 2;
+    cr_assert_eq(pp_map(pool, last_to_finish, in, N, sizeof *in, out, sizeof *out, 1, NULL), 0);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(out[i], i == 0 || i == 16 ? -10 : i * 10);
+    free(in);
+    free(out);
+    pp_pool_free(pool);
+}
