@@ -479,22 +479,9 @@ static bool lone_unclaimed(pp_pool *pool, int id)
     return false;
 }
 
-static bool withdraw_one(pp_pool *pool, int idle)
+/* Takes back the newest unclaimed entry of worker `victim`, if it has one. */
+static bool withdraw_from(pp_pool *pool, int victim)
 {
-    int victim = -1;
-    uint32_t most = 1;
-    for (int id = 0; id < pool->nworkers; id++)
-        if (id != idle && pool->w[id].state == PP_WS_READY && live(&pool->w[id]) > most) {
-            most = live(&pool->w[id]);
-            victim = id;
-        }
-    /* Every other worker holds one entry: it is running it, unless it never
-     * took it. */
-    for (int id = 0; victim < 0 && id < pool->nworkers; id++)
-        if (id != idle && pool->w[id].state == PP_WS_READY && lone_unclaimed(pool, id))
-            victim = id;
-    if (victim < 0)
-        return false;
     struct pp_worker *w = &pool->w[victim];
     struct pp_slot *s = &pool->ctl->slot[victim];
     for (uint32_t pos = w->tail - 1; pos != w->retired - 1; pos--) {
@@ -510,6 +497,40 @@ static bool withdraw_one(pp_pool *pool, int idle)
         pp__requeue_dealt(pool, d);
         return true;
     }
+    return false;
+}
+
+/* The worker other than `idle` and `not` with the most entries by `count`,
+ * more than one; -1 if none. */
+static int busiest(pp_pool *pool, int idle, int not, uint32_t (*count)(const struct pp_worker *))
+{
+    int victim = -1;
+    uint32_t most = 1;
+    for (int id = 0; id < pool->nworkers; id++)
+        if (id != idle && id != not &&pool->w[id].state == PP_WS_READY &&
+            count(&pool->w[id]) > most) {
+            most = count(&pool->w[id]);
+            victim = id;
+        }
+    return victim;
+}
+
+static bool withdraw_one(pp_pool *pool, int idle)
+{
+    /* The busiest by its ring first; if all it holds is running or taken
+     * back already (a worker stuck on a long item keeps those until it
+     * moves on), the busiest by what it still has to run. */
+    int first = busiest(pool, idle, -1, pending);
+    if (first >= 0 && withdraw_from(pool, first))
+        return true;
+    int second = busiest(pool, idle, first, live);
+    if (second >= 0)
+        return withdraw_from(pool, second);
+    /* Every other worker holds one entry: it is running it, unless it never
+     * took it. */
+    for (int id = 0; first < 0 && id < pool->nworkers; id++)
+        if (id != idle && pool->w[id].state == PP_WS_READY && lone_unclaimed(pool, id))
+            return withdraw_from(pool, id);
     return false;
 }
 
