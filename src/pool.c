@@ -79,8 +79,6 @@ void pp__job_maybe_free(struct pp_job *job)
         if (job->anext)
             job->anext->aprev = job->aprev;
     }
-    free(job->owned_args);
-    free(job->owned_results);
     free(job->err);
     free(job);
 }

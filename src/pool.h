@@ -19,41 +19,41 @@
 struct pp_chunkrec;
 struct pp_mpi;
 
-/* One call: a map, an apply (a map of one), or an iterator's stream. */
+/* One call: a map, an apply (a map of one), or an iterator's stream. A
+ * caller may hold hundreds of thousands (one per pp_apply_async), so the
+ * small fields share words. */
 struct pp_job {
     pp_pool *pool;
     pp_fn *fn;
     uint64_t fncode; /* what descriptors carry: fn, or its PP_FN_CODE (spawn) */
     size_t n;        /* items; grows for a source-fed iterator */
     size_t arg_size, result_size, chunksize;
-    const unsigned char *args;        /* item i at args + i * arg_size (map jobs) */
-    unsigned char *results;           /* item i at results + i * result_size (map jobs) */
-    void *owned_args, *owned_results; /* freed with the job */
-    unsigned char *extra;             /* bytes allocated with the job itself */
-    size_t next;                      /* first item not yet dealt (map jobs) */
-    size_t resolved;                  /* items finished, either way */
+    const unsigned char *args; /* item i at args + i * arg_size (map jobs) */
+    unsigned char *results;    /* item i at results + i * result_size (map jobs) */
+    unsigned char *extra;      /* bytes allocated with the job itself */
+    size_t next;               /* first item not yet dealt (map jobs) */
+    size_t resolved;           /* items finished, either way */
     size_t nfailed;
+    size_t inflight; /* pieces of it dealt or waiting in the retry ring */
     /* The lowest-index failure: its code and index here, the whole record
-     * (status, message) allocated at the first failure, so that a job, of
-     * which a caller may hold hundreds of thousands, stays small. NULL if
-     * that allocation failed: pp__job_error then writes a generic message. */
-    int err_code;
+     * (status, message) allocated at the first failure. NULL if that
+     * allocation failed: pp__job_error then writes a generic message. */
     size_t err_index;
     pp_error *err;
+    int err_code;
+    int refs;          /* the handle, plus one while the pool holds it */
     bool complete;     /* every item resolved */
     bool ready;        /* complete and its callbacks returned */
     bool cancelled;    /* nothing more of it is dealt */
     bool orphaned;     /* its handle was freed: no callbacks */
     bool in_callbacks; /* its callbacks are running now */
-    int refs;          /* the handle, plus one while the pool holds it */
-    size_t inflight;   /* pieces of it dealt or waiting in the retry ring */
+    bool streaming;    /* an iterator job: never complete, no pool hold */
+    bool queued;       /* in the pool's queue (qnext) */
     pp_callback *callback;
     pp_error_callback *error_callback;
     void *userdata;
-    struct pp_iter *iter; /* set for iterator jobs */
-    bool streaming;       /* an iterator job: never complete, no pool hold */
-    struct pp_job *qnext; /* the pool's queue of jobs with undealt items */
-    bool queued;
+    struct pp_iter *iter;          /* set for iterator jobs */
+    struct pp_job *qnext;          /* the pool's queue of jobs with undealt items */
     struct pp_job *cbnext;         /* the pool's list of callbacks to run */
     struct pp_job *anext, **aprev; /* every live job of the pool */
 };
