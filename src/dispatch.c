@@ -114,6 +114,13 @@ void pp__fail_piece(struct pp_piece *p, uint32_t already, int code, const char *
         count_failure(job->pool, code);
 }
 
+/* Whether the guard after an entry's results in our payload, if it has
+ * one, is as we wrote it. */
+static bool guard_intact(const pp_pool *pool, const struct pp_dealt *d)
+{
+    return d->canary == NULL || memcmp(d->canary, pool->guard, PP_GUARD) == 0;
+}
+
 /* ---- pieces --------------------------------------------------------------- */
 
 void pp__piece_hold(struct pp_piece *p)
@@ -158,6 +165,16 @@ void pp__retry_push_front(pp_pool *pool, struct pp_piece p)
     r->head = (r->head + r->cap - 1) % r->cap;
     r->v[r->head] = p;
     r->len++;
+}
+
+/* Items [from, count) of `p` go back to the front of the queue, held. */
+static void requeue_from(pp_pool *pool, const struct pp_piece *p, uint32_t from)
+{
+    struct pp_piece rest = *p;
+    rest.start += from;
+    rest.count -= from;
+    pp__piece_hold(&rest);
+    pp__retry_push_front(pool, rest);
 }
 
 static bool retry_pop(pp_pool *pool, struct pp_piece *p)
@@ -500,14 +517,14 @@ static bool withdraw_from(pp_pool *pool, int victim)
     return false;
 }
 
-/* The worker other than `idle` and `not` with the most entries by `count`,
+/* The worker other than `idle` and `skip` with the most entries by `count`,
  * more than one; -1 if none. */
-static int busiest(pp_pool *pool, int idle, int not, uint32_t (*count)(const struct pp_worker *))
+static int busiest(pp_pool *pool, int idle, int skip, uint32_t (*count)(const struct pp_worker *))
 {
     int victim = -1;
     uint32_t most = 1;
     for (int id = 0; id < pool->nworkers; id++)
-        if (id != idle && id != not &&pool->w[id].state == PP_WS_READY &&
+        if (id != idle && id != skip && pool->w[id].state == PP_WS_READY &&
             count(&pool->w[id]) > most) {
             most = count(&pool->w[id]);
             victim = id;
@@ -539,13 +556,8 @@ static bool withdraw_one(pp_pool *pool, int idle)
  * `from` (results and guard stay where they are). */
 static void give_back_tail(pp_pool *pool, struct pp_dealt *d, uint32_t from)
 {
-    struct pp_piece rest = d->piece;
-    rest.start += from;
-    rest.count -= from;
-    rest.deaths = 0;
+    requeue_from(pool, &d->piece, from);
     d->piece.count = from;
-    pp__piece_hold(&rest);
-    pp__retry_push_front(pool, rest);
 }
 
 /* The entry worker `id` runs now: by our books the oldest one not settled,
@@ -629,8 +641,7 @@ static void harvest(pp_pool *pool, int id)
         atomic_load_explicit(&s->cur_seq, memory_order_acquire) != pos)
         return;
     pp__collect(pool, id); /* the failures before item k */
-    if (d->done || d->withdrawn || k > d->piece.count || k <= d->copied ||
-        (d->canary != NULL && memcmp(d->canary, pool->guard, PP_GUARD) != 0))
+    if (d->done || d->withdrawn || k > d->piece.count || k <= d->copied || !guard_intact(pool, d))
         return;
     uint32_t from = d->copied;
     pp__copy_out(d, from, k, d->res_addr);
@@ -690,8 +701,7 @@ void pp__release_abandoned(pp_pool *pool, struct pp_dealt *d)
  * the chunk may be affected and fails -EOVERFLOW. Returns true if so. */
 static bool guard_broken(pp_pool *pool, struct pp_dealt *d)
 {
-    if (d->canary == NULL || d->piece.job->complete ||
-        memcmp(d->canary, pool->guard, PP_GUARD) == 0)
+    if (d->piece.job->complete || guard_intact(pool, d))
         return false;
     struct pp_job *job = d->piece.job;
     pp__resolve_ok(job, d->copied - d->nfail - d->nok);
@@ -780,13 +790,8 @@ void pp__keep_finished(pp_pool *pool, struct pp_dealt *d)
         if (p->rec != NULL)
             pp__iter_ok(p->rec, p->start, d->copied);
     }
-    if (d->copied < p->count) {
-        struct pp_piece rest = *p;
-        rest.start += d->copied;
-        rest.count -= d->copied;
-        pp__piece_hold(&rest);
-        pp__retry_push_front(pool, rest);
-    }
+    if (d->copied < p->count)
+        requeue_from(pool, p, d->copied);
     pp__job_settle(p->job);
 }
 

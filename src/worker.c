@@ -225,6 +225,8 @@ static void run_claimed(const struct pp_worker_cfg *cfg, struct pp_slot *s, stru
      * of chunks of one, small chunks); in longer chunks, whose items are
      * usually a few nanoseconds each, the parent's guard alone catches them. */
     bool check = d->result_size != 0 && d->count <= 16;
+    if (check)
+        keep_guard(d);
     for (*ran = 0; *ran < d->count; (*ran)++) {
         if (*ran == end) {
             if (atomic_fetch_add_explicit(&shared->claim, step, memory_order_acq_rel) != end)
@@ -259,10 +261,8 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
     struct pp_desc copy;
     memcpy(&copy, shared, sizeof copy);
     const struct pp_desc *d = &copy;
-    if (d->result_size) { /* every result starts as zero bytes; one memset per chunk */
+    if (d->result_size) /* every result starts as zero bytes; one memset per chunk */
         memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
-        keep_guard(d);
-    }
     pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
     uint32_t ran = d->count;
     if (cfg->objects != NULL && (fn = pp__spawn_resolve(cfg->objects, d->fn)) == NULL) {
