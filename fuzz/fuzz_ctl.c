@@ -87,6 +87,7 @@ static pp_pool *pool_new(double timeout)
 {
     pp_pool *pool = calloc(1, sizeof *pool);
     pthread_mutex_init(&pool->mu, NULL);
+    pp__jobcache_init(&pool->jobcache);
     pthread_cond_init(&pool->cond, NULL);
     pthread_cond_init(&pool->thread_cond, NULL);
     pool->nworkers = NW;
@@ -335,6 +336,7 @@ static void finish(struct world *wd)
     munmap(pool->ctl, pool->map_bytes);
     pp__payload_destroy(&pool->payload);
     free(pool->retry.v);
+    pp__jobcache_destroy(&pool->jobcache);
     pthread_mutex_destroy(&pool->mu);
     pthread_cond_destroy(&pool->cond);
     pthread_cond_destroy(&pool->thread_cond);

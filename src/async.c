@@ -53,7 +53,7 @@ static pp_async *submit_async(pp_pool *pool, pp_fn *fn, const void *args, size_t
     int rc = pp__submit(pool, job);
     pthread_mutex_unlock(&pool->mu);
     if (rc < 0) {
-        free(job);
+        pp__job_discard(job);
         errno = pp__submit_errno(rc);
         return NULL;
     }

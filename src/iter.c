@@ -407,7 +407,8 @@ static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, pp_source *source, void *stat
     struct pp_job *job = pp__job_new(pool, fn, 0, arg_size, result_size, chunksize, 0);
     if (it == NULL || job == NULL) {
         free(it);
-        free(job);
+        if (job != NULL)
+            pp__job_discard(job);
         errno = ENOMEM;
         return NULL;
     }
@@ -437,7 +438,7 @@ static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, pp_source *source, void *stat
         if (rc == -ENOMEM) {
             pp_iter_free(it);
         } else {
-            free(job);
+            pp__job_discard(job);
             free(it);
         }
         errno = pp__submit_errno(rc);

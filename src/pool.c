@@ -43,9 +43,11 @@ struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, 
     size_t head = (sizeof(struct pp_job) + 15) & ~(size_t)15;
     if (extra > SIZE_MAX - head)
         return NULL;
-    struct pp_job *job = calloc(1, head + extra);
+    int cls;
+    struct pp_job *job = pp__jobcache_take(&pool->jobcache, head + extra, &cls);
     if (job == NULL)
         return NULL;
+    job->block_class = (signed char)cls;
     job->extra = extra ? (unsigned char *)job + head : NULL;
     job->pool = pool;
     job->fn = fn;
@@ -80,7 +82,12 @@ void pp__job_maybe_free(struct pp_job *job)
             job->anext->aprev = job->aprev;
     }
     free(job->err);
-    free(job);
+    pp__job_discard(job);
+}
+
+void pp__job_discard(struct pp_job *job)
+{
+    pp__jobcache_give(&job->pool->jobcache, job, job->block_class);
 }
 
 void pp__job_error(const struct pp_job *job, pp_error *out)
@@ -387,8 +394,10 @@ static void *library_thread(void *arg)
         pp__pump(pool);
         if (pool->cbhead != NULL || pool->thread_stop)
             continue;
+        int64_t until = pp__poll_until(pool);
+        int64_t look = pp__jobcache_decay(&pool->jobcache, pp__now_ns());
         pool->poller_is_background = true;
-        poll_for_pool(pool, pp__poll_until(pool));
+        poll_for_pool(pool, look < until ? look : until);
         pool->poller_is_background = false;
         pp__pump(pool); /* what woke us */
     }
@@ -541,6 +550,7 @@ PP_API pp_pool *pp_pool_new(const pp_options *opts)
     }
     pool->ctl_fd = pool->wake_fd = pool->zsock = -1;
     pthread_mutex_init(&pool->mu, NULL);
+    pp__jobcache_init(&pool->jobcache);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -580,6 +590,7 @@ fail:
     release_resources(pool);
     pp__mpi_close(pool->mpi);
     free(pool->w);
+    pp__jobcache_destroy(&pool->jobcache);
     pthread_mutex_destroy(&pool->mu);
     pthread_cond_destroy(&pool->cond);
     pthread_cond_destroy(&pool->thread_cond);
@@ -611,7 +622,7 @@ static int run_blocking(pp_pool *pool, struct pp_job *job, pp_error *err)
         rc = encode_fn(pool, job);
     if (rc < 0) {
         pthread_mutex_unlock(&pool->mu);
-        free(job);
+        pp__job_discard(job);
         return rc;
     }
     job_attach(pool, job);
@@ -827,6 +838,7 @@ static void release_resources(pp_pool *pool)
 void pp__pool_destroy(pp_pool *pool)
 {
     free(pool->w);
+    pp__jobcache_destroy(&pool->jobcache);
     pthread_mutex_destroy(&pool->mu);
     pthread_cond_destroy(&pool->cond);
     pthread_cond_destroy(&pool->thread_cond);
@@ -852,6 +864,7 @@ PP_API void pp_pool_free(pp_pool *pool)
         pp__job_maybe_free(job);
     }
     release_resources(pool);
+    pp__jobcache_release(&pool->jobcache); /* handles still held give theirs back later */
     pp__mpi_close(pool->mpi);
     pool->mpi = NULL;
     pool->freed = true;

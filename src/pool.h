@@ -8,6 +8,7 @@
 #define PP_POOL_H
 
 #include "procpool.h"
+#include "jobcache.h"
 #include "payload.h"
 #include "ring.h"
 #include "worker.h"
@@ -41,14 +42,15 @@ struct pp_job {
     size_t err_index;
     pp_error *err;
     int err_code;
-    int refs;          /* the handle, plus one while the pool holds it */
-    bool complete;     /* every item resolved */
-    bool ready;        /* complete and its callbacks returned */
-    bool cancelled;    /* nothing more of it is dealt */
-    bool orphaned;     /* its handle was freed: no callbacks */
-    bool in_callbacks; /* its callbacks are running now */
-    bool streaming;    /* an iterator job: never complete, no pool hold */
-    bool queued;       /* in the pool's queue (qnext) */
+    int refs;                /* the handle, plus one while the pool holds it */
+    signed char block_class; /* its block's in pool->jobcache */
+    bool complete;           /* every item resolved */
+    bool ready;              /* complete and its callbacks returned */
+    bool cancelled;          /* nothing more of it is dealt */
+    bool orphaned;           /* its handle was freed: no callbacks */
+    bool in_callbacks;       /* its callbacks are running now */
+    bool streaming;          /* an iterator job: never complete, no pool hold */
+    bool queued;             /* in the pool's queue (qnext) */
     pp_callback *callback;
     pp_error_callback *error_callback;
     void *userdata;
@@ -150,6 +152,7 @@ struct pp_pool {
     struct pp_retry retry;
     struct pp_job *cbhead, *cbtail; /* completed jobs whose callbacks must run */
     struct pp_job *all;             /* every job not yet freed */
+    struct pp_jobcache jobcache;    /* blocks of freed small jobs (its own lock) */
 
     bool closed, terminated, joined, broken, starting, quitting, start_failed;
     bool zygote_gone;
@@ -249,8 +252,9 @@ void pp__job_unref(struct pp_job *job);
 /* Writes the job's lowest-index failure to `out` (zeroes if none). */
 void pp__job_error(const struct pp_job *job, pp_error *out); /* mu held: drops one ref */
 void pp__job_maybe_free(struct pp_job *job);                 /* mu held: frees it if unreferenced */
-int pp__check_submit(pp_pool *pool);                         /* 0, PP_ECLOSED or PP_ESPAWN */
-int pp__submit(pp_pool *pool, struct pp_job *job);           /* mu held: queue it, deal */
+void pp__job_discard(struct pp_job *job);          /* frees one never attached to the books */
+int pp__check_submit(pp_pool *pool);               /* 0, PP_ECLOSED or PP_ESPAWN */
+int pp__submit(pp_pool *pool, struct pp_job *job); /* mu held: queue it, deal */
 int pp__submit_errno(int rc);         /* errno for a constructor whose submission failed with rc */
 void pp__handle_gone(pp_pool *pool);  /* mu held: a pp_async/pp_iter was freed */
 bool pp__pool_dead(pp_pool *pool);    /* freed, and no handle left */

@@ -190,3 +190,100 @@ Test(resources, iterator_freed_half_way_then_pool_used, .timeout = PP_TEST_TIMEO
     }
     pp_pool_free(pool);
 }
+
+/* ---- the pool's cache of job blocks (src/jobcache.h) ---------------------- */
+
+static size_t heap_in_use(void)
+{
+    if (__sanitizer_get_current_allocated_bytes)
+        return __sanitizer_get_current_allocated_bytes();
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+}
+
+static int echo_bytes(const void *arg, void *result)
+{
+    memcpy(result, arg, 300);
+    return 0;
+}
+
+#define BURST 20000
+
+/* n apply_async of `fn` with `size`-byte arguments and results, then every
+ * get and free. Returns the heap in use once all n were submitted. */
+static size_t burst(pp_pool *pool, pp_async **h, int n, pp_fn *fn, size_t size)
+{
+    unsigned char arg[300] = {0}, res[300];
+    for (int i = 0; i < n; i++) {
+        memcpy(arg, &i, sizeof i);
+        h[i] = pp_apply_async(pool, fn, arg, size, size, NULL, NULL, NULL);
+        cr_assert_not_null(h[i], "submission %d", i);
+    }
+    size_t peak = heap_in_use();
+    for (int i = 0; i < n; i++) {
+        cr_assert_eq(pp_async_get(h[i], res, -1, NULL), 0);
+        int got;
+        memcpy(&got, res, sizeof got);
+        cr_assert_eq(got, fn == echo_bytes ? i : i + 1, "item %d", i);
+        pp_async_free(h[i]);
+    }
+    return peak;
+}
+
+/* The blocks of one burst of apply_async serve the next: the heap does not
+ * grow again (without the cache, glibc trims them and every burst faults its
+ * pages in anew). */
+Test(resources, a_burst_of_async_jobs_reuses_the_blocks_of_the_last, .timeout = PP_TEST_TIMEOUT(60))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_not_null(pool);
+    pp_async **h = calloc(BURST, sizeof *h);
+    cr_assert_not_null(h);
+    size_t base = heap_in_use();
+    burst(pool, h, BURST, add_async, sizeof(int));
+    size_t kept = heap_in_use();
+    cr_assert_geq(kept, base + BURST * (size_t)200, "kept %zu bytes", kept - base);
+    size_t peak = burst(pool, h, BURST, add_async, sizeof(int));
+    cr_assert_lt(peak, kept + 256 * 1024, "the second burst grew the heap by %zd bytes",
+                 (ssize_t)(peak - kept));
+    free(h);
+    pp_pool_free(pool);
+}
+
+/* What a burst left in the cache is freed once the pool has rested a whole
+ * interval (1-2 s) with no submission. */
+Test(resources, kept_job_blocks_are_freed_when_the_pool_rests, .timeout = PP_TEST_TIMEOUT(60))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_not_null(pool);
+    pp_async **h = calloc(BURST, sizeof *h);
+    cr_assert_not_null(h);
+    size_t base = heap_in_use();
+    burst(pool, h, BURST, add_async, sizeof(int));
+    cr_assert_geq(heap_in_use(), base + BURST * (size_t)200);
+    double give_up = now_s() + 10 * slow_factor();
+    while (heap_in_use() > base + 64 * 1024 && now_s() < give_up)
+        usleep(20000);
+    cr_assert_leq(heap_in_use(), base + 64 * 1024, "still %zu bytes kept after 10 s",
+                  heap_in_use() - base);
+    free(h);
+    pp_pool_free(pool);
+}
+
+/* The cache keeps at most 64 MiB: 80,000 jobs in 1 KiB blocks do not all
+ * stay (glibc counts 16 bytes of its own per block). */
+Test(resources, the_job_cache_is_bounded, .timeout = PP_TEST_TIMEOUT(120))
+{
+    enum { N = 80000 };
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_not_null(pool);
+    pp_async **h = calloc(N, sizeof *h);
+    cr_assert_not_null(h);
+    size_t base = heap_in_use();
+    size_t peak = burst(pool, h, N, echo_bytes, 300);
+    cr_assert_gt(peak, base + ((size_t)78 << 20), "the burst took %zu bytes", peak - base);
+    size_t kept = heap_in_use() - base;
+    cr_assert_leq(kept, ((size_t)64 << 20) / 1024 * 1040 + 256 * 1024, "kept %zu bytes", kept);
+    free(h);
+    pp_pool_free(pool);
+}
