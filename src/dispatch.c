@@ -441,6 +441,16 @@ static bool try_post(pp_pool *pool, int id, struct pp_piece *p, uint32_t depth)
     return post(pool, id, p) == 0;
 }
 
+/* One wake-up per worker per deal, however many entries it got. */
+static void wake_dealt(pp_pool *pool)
+{
+    for (int id = 0; id < pool->nworkers; id++)
+        if (pool->w[id].unwoken && pool->w[id].state == PP_WS_READY) {
+            pool->w[id].unwoken = false;
+            pp__ring_wake_worker(&pool->ctl->slot[id]);
+        }
+}
+
 /* Deals until every ready worker holds enough or nothing is left. */
 static void deal(pp_pool *pool)
 {
@@ -469,19 +479,14 @@ static void deal(pp_pool *pool)
     }
     if (have)
         pp__retry_push_front(pool, p);
-    /* One wake-up per worker per deal, however many entries it got. */
-    for (int id = 0; id < pool->nworkers; id++)
-        if (pool->w[id].unwoken && pool->w[id].state == PP_WS_READY) {
-            pool->w[id].unwoken = false;
-            pp__ring_wake_worker(&pool->ctl->slot[id]);
-        }
+    wake_dealt(pool);
 }
 
 /* Takes back the newest unclaimed entry of the busiest worker, for an idle
  * one. Only entries the worker has not claimed can be taken (CAS). */
 /* A worker whose only entry has waited PP_UNCLAIMED_NS unclaimed is not
  * running (stopped, or starved): the entry may go to an idle worker. Its
- * state word says whether it was claimed; the CAS in withdraw_one decides. */
+ * state word says whether it was claimed; the CAS in withdraw_from decides. */
 static bool lone_unclaimed(pp_pool *pool, int id)
 {
     struct pp_worker *w = &pool->w[id];
@@ -496,25 +501,40 @@ static bool lone_unclaimed(pp_pool *pool, int id)
     return false;
 }
 
-/* Takes back the newest unclaimed entry of worker `victim`, if it has one. */
-static bool withdraw_from(pp_pool *pool, int victim)
+/* Takes back up to `most` of the newest unclaimed entries of worker
+ * `victim`; they wait at the front of the retry ring, oldest first. Returns
+ * how many. */
+static int withdraw_from(pp_pool *pool, int victim, uint32_t most)
 {
     struct pp_worker *w = &pool->w[victim];
     struct pp_slot *s = &pool->ctl->slot[victim];
-    for (uint32_t pos = w->tail - 1; pos != w->retired - 1; pos--) {
+    int taken = 0;
+    for (uint32_t pos = w->tail - 1; pos != w->retired - 1 && (uint32_t)taken < most; pos--) {
         struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
-        if (d->done || d->withdrawn)
+        if (d->done) /* the worker passed it, so it passed everything older */
+            break;
+        if (d->withdrawn)
             continue;
         uint32_t expect = PP_DESC_POSTED;
         if (!atomic_compare_exchange_strong(&s->in[pos & PP_RING_MASK].state, &expect,
                                             PP_DESC_WITHDRAWN))
-            return false; /* it is running, and so is everything older */
+            break; /* it is running, and so is everything older */
         d->withdrawn = true;
         pp__payload_free(&pool->payload, &d->extent);
         pp__requeue_dealt(pool, d);
-        return true;
+        taken++;
     }
-    return false;
+    return taken;
+}
+
+/* Half of what a worker still has to run, at least one: an idle worker
+ * that took entries one at a time from a long queue of short tasks would
+ * be back for the next a moment later (and the victim's ring would fill
+ * with entries taken back that each later scan passes over). */
+static uint32_t half_of(const struct pp_worker *w)
+{
+    uint32_t n = live(w) / 2;
+    return n ? n : 1;
 }
 
 /* The worker other than `idle` and `skip` with the most entries by `count`,
@@ -532,23 +552,36 @@ static int busiest(pp_pool *pool, int idle, int skip, uint32_t (*count)(const st
     return victim;
 }
 
-static bool withdraw_one(pp_pool *pool, int idle)
+/* Takes entries back for worker `idle`; returns how many. */
+static int withdraw_for(pp_pool *pool, int idle)
 {
     /* The busiest by its ring first; if all it holds is running or taken
      * back already (a worker stuck on a long item keeps those until it
      * moves on), the busiest by what it still has to run. */
-    int first = busiest(pool, idle, -1, pending);
-    if (first >= 0 && withdraw_from(pool, first))
-        return true;
+    int first = busiest(pool, idle, -1, pending), n;
+    if (first >= 0 && (n = withdraw_from(pool, first, half_of(&pool->w[first]))) > 0)
+        return n;
     int second = busiest(pool, idle, first, live);
     if (second >= 0)
-        return withdraw_from(pool, second);
+        return withdraw_from(pool, second, half_of(&pool->w[second]));
     /* Every other worker holds one entry: it is running it, unless it never
      * took it. */
     for (int id = 0; first < 0 && id < pool->nworkers; id++)
         if (id != idle && pool->w[id].state == PP_WS_READY && lone_unclaimed(pool, id))
-            return withdraw_from(pool, id);
-    return false;
+            return withdraw_from(pool, id, 1);
+    return 0;
+}
+
+/* Posts the first `n` pieces of the retry ring, just taken back, to worker
+ * `id` (deal would share them out again, the victim included). */
+static void hand_to(pp_pool *pool, int id, int n)
+{
+    struct pp_piece p;
+    while (n-- > 0 && next_piece(pool, &p, false))
+        if (!try_post(pool, id, &p, depth_for(&p))) {
+            pp__retry_push_front(pool, p);
+            break;
+        }
 }
 
 /* Items [from, count) of a dealt entry will not run there: they go back to
@@ -617,9 +650,12 @@ static void balance(pp_pool *pool)
     for (int id = 0; id < pool->nworkers; id++) {
         if (pool->w[id].state != PP_WS_READY || pending(&pool->w[id]) != 0)
             continue;
-        if (!withdraw_one(pool, id) && !steal_tail(pool, id))
+        int n = withdraw_for(pool, id);
+        if (n == 0 && !steal_tail(pool, id))
             return;
+        hand_to(pool, id, n);
         deal(pool);
+        wake_dealt(pool);
     }
 }
 

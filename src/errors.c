@@ -1,9 +1,19 @@
 /*
  * errors: names for every code the library returns.
  */
-#include "procpool.h"
+#include "pool.h"
 
 #include <string.h>
+
+/* Read at run time: GCC inlines a memset of a constant 280 bytes as `rep
+ * stos`, which took 16.7 ns against glibc's 8.3 ns on the AMD EPYC we
+ * measure on, and pp_iter_next clears an error for every item it returns. */
+static const volatile size_t error_bytes = sizeof(pp_error);
+
+void pp__clear_error(pp_error *err)
+{
+    memset(err, 0, error_bytes);
+}
 
 PP_API const char *pp_strerror(int code)
 {

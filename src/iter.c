@@ -321,7 +321,7 @@ static int hand_back(struct pp_iter *it, struct pp_chunkrec *rec, uint32_t i, vo
         if (r)
             memcpy(result, rec->results + i * r, r);
         if (err)
-            memset(err, 0, sizeof *err);
+            pp__clear_error(err);
     } else {
         pp_error e = {.code = -ENOMEM, .index = rec->first + i, .failed = 1};
         if (rec->errs)

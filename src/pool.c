@@ -93,7 +93,7 @@ void pp__job_discard(struct pp_job *job)
 void pp__job_error(const struct pp_job *job, pp_error *out)
 {
     if (job->nfailed == 0) {
-        memset(out, 0, sizeof *out);
+        pp__clear_error(out);
         return;
     }
     if (job->err != NULL) {

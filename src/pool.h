@@ -253,6 +253,7 @@ void pp__job_unref(struct pp_job *job);
 void pp__job_error(const struct pp_job *job, pp_error *out); /* mu held: drops one ref */
 void pp__job_maybe_free(struct pp_job *job);                 /* mu held: frees it if unreferenced */
 void pp__job_discard(struct pp_job *job);          /* frees one never attached to the books */
+void pp__clear_error(pp_error *err);               /* zeroes it (errors.c) */
 int pp__check_submit(pp_pool *pool);               /* 0, PP_ECLOSED or PP_ESPAWN */
 int pp__submit(pp_pool *pool, struct pp_job *job); /* mu held: queue it, deal */
 int pp__submit_errno(int rc);         /* errno for a constructor whose submission failed with rc */
