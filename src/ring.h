@@ -109,6 +109,7 @@ struct pp_slot {
     _Atomic uint32_t cur_seq;                       /* inbox position being run */
     _Atomic uint32_t cur_item;                      /* item index inside it */
     _Atomic int64_t item_start;                     /* pp__now_ns() when it began */
+    _Atomic int32_t cpu; /* where it last looked for work (see worker.c wait_for_work) */
 
     alignas(PP_CACHELINE) struct pp_desc in[PP_RING];
     alignas(PP_CACHELINE) struct pp_msg out[PP_RING];
@@ -120,6 +121,10 @@ struct pp_ctl {
     uint32_t magic;
     uint32_t nworkers;
     alignas(PP_CACHELINE) _Atomic uint32_t parent_sleeping;
+    /* The CPU of a parent thread that waits for results (spinning, or
+     * asleep until a worker wakes it), or -1. Read by idle workers: one
+     * that spins on the same CPU only delays it. */
+    alignas(PP_CACHELINE) _Atomic int32_t waiter_cpu;
     alignas(PP_CACHELINE) struct pp_slot slot[];
 };
 

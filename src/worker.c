@@ -58,19 +58,33 @@ PP_API bool pp_task_should_stop(void)
     return soft_deadline != 0 && pp__now_ns() >= soft_deadline;
 }
 
+/* Whether a parent thread waits for results on the CPU we run on. Says
+ * where we are, for the parent's own choice. */
+static bool beside_waiter(const struct pp_ctl *ctl, struct pp_slot *s)
+{
+    int cpu = sched_getcpu();
+    atomic_store_explicit(&s->cpu, cpu, memory_order_relaxed);
+    return cpu >= 0 && atomic_load_explicit(&ctl->waiter_cpu, memory_order_relaxed) == cpu;
+}
+
 /* Waits until the parent posts another entry or asks us to quit. */
-static void wait_for_work(struct pp_slot *s, uint32_t head)
+static void wait_for_work(const struct pp_ctl *ctl, struct pp_slot *s, uint32_t head)
 {
     /* Spin a little first: more work is usually microseconds away. Yield
      * now and then, so that on a machine with fewer cores than processes
-     * the parent who deals that work gets the CPU. */
+     * the parent who deals that work gets the CPU; at every turn while a
+     * parent thread waits on this very CPU (see pool.c spin_for_activity). */
+    bool shared = false;
     for (int spin = 0; spin < 2048; spin++) {
         if (atomic_load_explicit(&s->in_tail, memory_order_acquire) != head ||
             atomic_load_explicit(&s->quit, memory_order_relaxed))
             return;
-        if ((spin & 255) == 255)
+        if (spin % 16 == 0)
+            shared = beside_waiter(ctl, s);
+        if (shared || (spin & 255) == 255)
             sched_yield();
-        pp__cpu_relax();
+        else
+            pp__cpu_relax();
     }
     for (;;) {
         uint32_t bell = atomic_load(&s->doorbell);
@@ -323,7 +337,7 @@ _Noreturn void pp__worker_main(const struct pp_worker_cfg *cfg, int id)
         if (atomic_load_explicit(&s->in_tail, memory_order_acquire) == head) {
             if (atomic_load(&s->quit))
                 leave(0);
-            wait_for_work(s, head);
+            wait_for_work(ctl, s, head);
             continue;
         }
         bool ran = run_entry(cfg, s, head);

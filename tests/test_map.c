@@ -4,6 +4,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <procpool.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -304,4 +305,43 @@ Test(map, writing_past_result_size_is_reported, .timeout = PP_TEST_TIMEOUT(30))
     for (int i = 0; i < 9; i++)
         cr_assert_eq(out[i], i * i);
     pp_pool_free(pool);
+}
+
+/* Caller and workers on one CPU (they inherit the caller's affinity): each
+ * side sees the other there and hands it the CPU at every turn instead of
+ * spinning (pool.c spin_for_activity, worker.c wait_for_work). Round trips,
+ * a map and async work all complete, with every result right. */
+Test(map, a_pool_confined_to_one_cpu_works, .timeout = PP_TEST_TIMEOUT(60))
+{
+    cpu_set_t was, one;
+    cr_assert_eq(sched_getaffinity(0, sizeof was, &was), 0);
+    CPU_ZERO(&one);
+    CPU_SET(sched_getcpu(), &one);
+    cr_assert_eq(sched_setaffinity(0, sizeof one, &one), 0);
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_not_null(pool);
+    for (int i = 0; i < 2000; i++) {
+        int r = 0;
+        cr_assert_eq(pp_apply(pool, square, &i, sizeof i, &r, sizeof r, NULL), 0);
+        cr_assert_eq(r, i * i);
+    }
+    enum { N = 5000 };
+    int in[N], out[N];
+    for (int i = 0; i < N; i++)
+        in[i] = i;
+    cr_assert_eq(pp_map(pool, square, in, N, sizeof(int), out, sizeof(int), 1, NULL), 0);
+    pp_async *a[64];
+    for (int i = 0; i < 64; i++)
+        a[i] = pp_apply_async(pool, square, &in[i], sizeof(int), sizeof(int), NULL, NULL, NULL);
+    for (int i = 0; i < 64; i++) {
+        cr_assert_eq(out[i], i * i);
+        int r;
+        cr_assert_eq(pp_async_get(a[i], &r, -1, NULL), 0);
+        cr_assert_eq(r, i * i);
+        pp_async_free(a[i]);
+    }
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(out[i], i * i, "item %d", i);
+    pp_pool_free(pool);
+    sched_setaffinity(0, sizeof was, &was);
 }
