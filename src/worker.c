@@ -196,13 +196,11 @@ static bool overran(const struct pp_desc *d, uint32_t i)
     return true;
 }
 
-/* Returns the task's return value. */
-static int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const struct pp_desc *d,
-                    pp_fn *fn, uint32_t seq, uint32_t i)
+/* Runs item i, whose argument and result are at `arg` and `res` (NULL for
+ * a size of 0). Returns the task's return value. */
+static inline int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, pp_fn *fn,
+                           const void *arg, void *res, uint32_t seq, uint32_t i)
 {
-    const unsigned char *arg = (const unsigned char *)(uintptr_t)d->args + i * d->arg_size;
-    unsigned char *res = (unsigned char *)(uintptr_t)d->results + i * d->result_size;
-
     /* The start time is written before the item number, so the parent
      * never pairs a new item with an older start and kills it early. */
     if (cfg->timing) {
@@ -212,7 +210,7 @@ static int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const st
     }
     atomic_store_explicit(&s->cur_item, i, memory_order_release);
     fail_set = 0;
-    int rc = fn(d->arg_size ? arg : NULL, d->result_size ? res : NULL);
+    int rc = fn(arg, res);
     if (rc != 0) {
         char text[PP_MSG_TEXT];
         if (fail_set)
@@ -229,28 +227,41 @@ static int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, const st
  * that the parent can take back most of a long chunk's items for an idle
  * worker at the cost of 16 atomic operations per chunk. A claim that does
  * not return the next item's index means the parent took the rest back (or
- * a task scribbled the word: the parent runs the rest again). *ran: how
- * many items, from the first, ran here. */
-static void run_claimed(const struct pp_worker_cfg *cfg, struct pp_slot *s, struct pp_desc *shared,
-                        const struct pp_desc *d, pp_fn *fn, uint32_t head, uint32_t *ran)
+ * a task scribbled the word: the parent runs the rest again). Returns how
+ * many items, from the first, ran here.
+ *
+ * The loop keeps its state in locals whose address never escapes: the task
+ * is called through a pointer, so anything it could reach (the entry, an
+ * out-parameter) would be read again from memory after every item, and
+ * items of a few nanoseconds feel that (bench W1). Addresses are integers:
+ * with no arguments or results they stay 0 (and are passed as NULL). */
+static uint32_t run_claimed(const struct pp_worker_cfg *cfg, struct pp_slot *s,
+                            struct pp_desc *shared, const struct pp_desc *d, pp_fn *fn,
+                            uint32_t head)
 {
-    uint32_t step = (d->count + 15) / 16, end = 0;
+    const uint32_t count = d->count, step = (count + 15) / 16;
+    const uint64_t as = d->arg_size, rs = d->result_size;
+    uint64_t arg = as ? d->args : 0, res = rs ? d->results : 0;
     /* Overruns are told apart per item in entries of up to 16 items (batches
      * of chunks of one, small chunks); in longer chunks, whose items are
      * usually a few nanoseconds each, the parent's guard alone catches them. */
-    bool check = d->result_size != 0 && d->count <= 16;
+    const bool check = rs != 0 && count <= 16;
     if (check)
         keep_guard(d);
-    for (*ran = 0; *ran < d->count; (*ran)++) {
-        if (*ran == end) {
+    uint32_t i = 0, end = 0;
+    for (; i < count; i++, arg += as, res += rs) {
+        if (i == end) {
             if (atomic_fetch_add_explicit(&shared->claim, step, memory_order_acq_rel) != end)
                 break;
-            end = (uint64_t)end + step < d->count ? end + step : d->count;
+            end = (uint64_t)end + step < count ? end + step : count;
         }
-        if (run_item(cfg, s, d, fn, head, *ran) == 0 && check && overran(d, *ran))
-            post(cfg, s, PP_MSG_OVERRUN, head, *ran, 0,
+        if (run_item(cfg, s, fn, (const void *)(uintptr_t)arg, (void *)(uintptr_t)res, head, i) ==
+                0 &&
+            check && overran(d, i))
+            post(cfg, s, PP_MSG_OVERRUN, head, i, 0,
                  "a task of this chunk wrote past its result_size");
     }
+    return i;
 }
 
 /* Runs the entry at `head` if we win it; false if the parent withdrew it. */
@@ -286,7 +297,7 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
         post(cfg, s, PP_MSG_NOTFOUND, head, 0, 0,
              "the task's function cannot be found in the spawned worker");
     } else {
-        run_claimed(cfg, s, shared, d, fn, head, &ran);
+        ran = run_claimed(cfg, s, shared, d, fn, head);
     }
     post(cfg, s, PP_MSG_DONE, head, ran, 0, NULL);
     atomic_store_explicit(&s->busy, 0, memory_order_release);
