@@ -511,9 +511,7 @@ static int withdraw_from(pp_pool *pool, int victim, uint32_t most)
     int taken = 0;
     for (uint32_t pos = w->tail - 1; pos != w->retired - 1 && (uint32_t)taken < most; pos--) {
         struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
-        if (d->done) /* the worker passed it, so it passed everything older */
-            break;
-        if (d->withdrawn)
+        if (d->done || d->withdrawn) /* a forged DONE can settle one out of order */
             continue;
         uint32_t expect = PP_DESC_POSTED;
         if (!atomic_compare_exchange_strong(&s->in[pos & PP_RING_MASK].state, &expect,

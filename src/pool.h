@@ -171,6 +171,7 @@ struct pp_pool {
     bool progress;             /* the current pump resolved something */
     pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
+    bool thread_parked; /* the library thread waits for the last waiter to leave */
     pp_stats stats;
     struct pp_mpi *mpi; /* PP_BACKEND_MPI: the ranks that serve this pool (mpi.c) */
     int remote_workers; /* their workers, all ranks together */
