@@ -230,15 +230,24 @@ static size_t burst(pp_pool *pool, pp_async **h, int n, pp_fn *fn, size_t size)
     return peak;
 }
 
+/* A pool of two workers and room for n handles, made before the heap's
+ * baseline is read. */
+static pp_pool *burst_pool(int n, pp_async ***h)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    cr_assert_not_null(pool);
+    *h = calloc((size_t)n, sizeof **h);
+    cr_assert_not_null(*h);
+    return pool;
+}
+
 /* The blocks of one burst of apply_async serve the next: the heap does not
  * grow again (without the cache, glibc trims them and every burst faults its
  * pages in anew). */
 Test(resources, a_burst_of_async_jobs_reuses_the_blocks_of_the_last, .timeout = PP_TEST_TIMEOUT(60))
 {
-    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
-    cr_assert_not_null(pool);
-    pp_async **h = calloc(BURST, sizeof *h);
-    cr_assert_not_null(h);
+    pp_async **h;
+    pp_pool *pool = burst_pool(BURST, &h);
     size_t base = heap_in_use();
     burst(pool, h, BURST, add_async, sizeof(int));
     size_t kept = heap_in_use();
@@ -254,10 +263,8 @@ Test(resources, a_burst_of_async_jobs_reuses_the_blocks_of_the_last, .timeout = 
  * interval (1-2 s) with no submission. */
 Test(resources, kept_job_blocks_are_freed_when_the_pool_rests, .timeout = PP_TEST_TIMEOUT(60))
 {
-    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
-    cr_assert_not_null(pool);
-    pp_async **h = calloc(BURST, sizeof *h);
-    cr_assert_not_null(h);
+    pp_async **h;
+    pp_pool *pool = burst_pool(BURST, &h);
     size_t base = heap_in_use();
     burst(pool, h, BURST, add_async, sizeof(int));
     cr_assert_geq(heap_in_use(), base + BURST * (size_t)200);
@@ -275,10 +282,8 @@ Test(resources, kept_job_blocks_are_freed_when_the_pool_rests, .timeout = PP_TES
 Test(resources, the_job_cache_is_bounded, .timeout = PP_TEST_TIMEOUT(120))
 {
     enum { N = 80000 };
-    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
-    cr_assert_not_null(pool);
-    pp_async **h = calloc(N, sizeof *h);
-    cr_assert_not_null(h);
+    pp_async **h;
+    pp_pool *pool = burst_pool(N, &h);
     size_t base = heap_in_use();
     size_t peak = burst(pool, h, N, echo_bytes, 300);
     cr_assert_gt(peak, base + ((size_t)78 << 20), "the burst took %zu bytes", peak - base);
