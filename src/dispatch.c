@@ -863,6 +863,20 @@ static void requeue_skipped(pp_pool *pool, struct pp_worker *w, uint32_t head)
     }
 }
 
+/* Whether a worker's inbox position can be true: at most our tail, and at
+ * least one before the oldest entry we have not retired (its DONE is posted
+ * before in_head moves past it, so we may retire it first). A task that
+ * scribbled the slot's in_tail sends its worker sweeping positions nobody
+ * posted: it claims whatever entry it finds POSTED at a position's index,
+ * under the wrong position, so the entry would never be settled, and its
+ * task_timeout never fires (the worker moves on every few nanoseconds).
+ * Such a worker is killed: its entries run again elsewhere. */
+static bool head_plausible(const struct pp_worker *w, uint32_t head)
+{
+    uint32_t from = w->retired - 1;
+    return head - from <= w->tail - from;
+}
+
 /* Reads worker `id`'s outbox to its end. Returns false if the worker broke
  * the outbox's books (then it is killed as a crashed worker). */
 bool pp__collect(pp_pool *pool, int id)
@@ -873,9 +887,14 @@ bool pp__collect(pp_pool *pool, int id)
      * has its DONE in the outbox already (posted before in_head moved). */
     uint32_t head = atomic_load_explicit(&s->in_head, memory_order_acquire);
     uint32_t tail = atomic_load_explicit(&s->out_tail, memory_order_acquire);
+    bool live = w->state == PP_WS_READY || w->state == PP_WS_STARTING;
     if (tail - w->out_head > PP_RING) {
-        if (w->state == PP_WS_READY || w->state == PP_WS_STARTING)
+        if (live)
             pp__kill_worker(pool, id, PP_ECRASH);
+        return false;
+    }
+    if (live && !head_plausible(w, head)) {
+        pp__kill_worker(pool, id, PP_ECRASH);
         return false;
     }
     if (tail != w->out_head) {

@@ -76,6 +76,7 @@ enum {
     DO_SCRIBBLE_ALL_ONCE,  /* DO_SCRIBBLE_ALL the first time it runs only */
     DO_SCRIBBLE_SLOT_ONCE, /* DO_SCRIBBLE_SLOT the first time it runs only */
     DO_RESET_CLAIM,        /* sets its chunk's claim word back to item 0 */
+    DO_JUMP_TAIL,          /* moves its inbox's in_tail 2^31 positions on */
 };
 
 struct item {
@@ -138,6 +139,11 @@ static int hostile(const void *arg, void *result)
     case DO_RESET_CLAIM: {
         struct pp_slot *s = &((struct pp_ctl *)ctl)->slot[id];
         atomic_store(&s->in[atomic_load(&s->cur_seq) & PP_RING_MASK].claim, 0);
+        break;
+    }
+    case DO_JUMP_TAIL: {
+        struct pp_slot *s = &((struct pp_ctl *)ctl)->slot[id];
+        atomic_fetch_add(&s->in_tail, 1u << 31);
         break;
     }
     case DO_OVERFLOW: /* its own result right, then 31 more past it */
@@ -255,6 +261,27 @@ Test(hostile, task_scribbles_whole_control_block, .init = setup, .fini = teardow
      .timeout = PP_TEST_TIMEOUT(120))
 {
     storm(DO_SCRIBBLE_ALL, 12);
+}
+
+/* Its worker then sweeps two billion inbox positions nobody posted,
+ * claiming what it finds POSTED at their indexes under the wrong position
+ * (found: a rare hang of task_scribbles_whole_control_block_once, the
+ * parent waiting for entries that no message could name any more). The
+ * parent kills the worker once its in_head leaves the positions it dealt:
+ * every item still comes back, run again by the worker's successor. */
+Test(hostile, task_moves_its_inbox_tail, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(60))
+{
+    pp_pool *pool = new_pool(0);
+    for (int round = 0; round < 4; round++) {
+        atomic_store(&flags->count, 0);
+        pp_error err;
+        int wrong;
+        int rc = map_with(pool, 400, 30 + round * 50, DO_JUMP_TAIL, 0, 1, &err, &wrong);
+        cr_assert_eq(rc, 0, "round %d: rc %d (%s)", round, rc, err.message);
+        cr_assert_eq(wrong, 0);
+    }
+    assert_recovers(pool);
 }
 
 /* As task_scribbles_whole_control_block, and the task's worker dies. */
