@@ -897,6 +897,12 @@ bool pp__collect(pp_pool *pool, int id)
         pp__kill_worker(pool, id, PP_ECRASH);
         return false;
     }
+    /* Only we write in_tail. A task that moved it back hid the entries
+     * behind it from its worker, which would sleep with work dealt to it. */
+    if (live && atomic_load_explicit(&s->in_tail, memory_order_relaxed) != w->tail) {
+        atomic_store_explicit(&s->in_tail, w->tail, memory_order_release);
+        pp__ring_wake_worker(s);
+    }
     if (tail != w->out_head) {
         pool->progress = true;
         while (w->out_head != tail) {

@@ -77,6 +77,7 @@ enum {
     DO_SCRIBBLE_SLOT_ONCE, /* DO_SCRIBBLE_SLOT the first time it runs only */
     DO_RESET_CLAIM,        /* sets its chunk's claim word back to item 0 */
     DO_JUMP_TAIL,          /* moves its inbox's in_tail 2^31 positions on */
+    DO_HIDE_INBOX,         /* moves its inbox's in_tail back to its own entry's end */
 };
 
 struct item {
@@ -144,6 +145,11 @@ static int hostile(const void *arg, void *result)
     case DO_JUMP_TAIL: {
         struct pp_slot *s = &((struct pp_ctl *)ctl)->slot[id];
         atomic_fetch_add(&s->in_tail, 1u << 31);
+        break;
+    }
+    case DO_HIDE_INBOX: {
+        struct pp_slot *s = &((struct pp_ctl *)ctl)->slot[id];
+        atomic_store(&s->in_tail, atomic_load(&s->cur_seq) + 1);
         break;
     }
     case DO_OVERFLOW: /* its own result right, then 31 more past it */
@@ -278,6 +284,23 @@ Test(hostile, task_moves_its_inbox_tail, .init = setup, .fini = teardown,
         pp_error err;
         int wrong;
         int rc = map_with(pool, 400, 30 + round * 50, DO_JUMP_TAIL, 0, 1, &err, &wrong);
+        cr_assert_eq(rc, 0, "round %d: rc %d (%s)", round, rc, err.message);
+        cr_assert_eq(wrong, 0);
+    }
+    assert_recovers(pool);
+}
+
+/* Its worker then finds its inbox empty and sleeps, with entries dealt to
+ * it behind the hidden tail: a pool of one worker waited for them for ever.
+ * The parent, the only writer of in_tail, puts it back and wakes it. */
+Test(hostile, task_hides_its_inbox, .init = setup, .fini = teardown, .timeout = PP_TEST_TIMEOUT(60))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    cr_assert_not_null(pool);
+    for (int round = 0; round < 4; round++) {
+        pp_error err;
+        int wrong;
+        int rc = map_with(pool, 400, 30 + round * 50, DO_HIDE_INBOX, 0, 1, &err, &wrong);
         cr_assert_eq(rc, 0, "round %d: rc %d (%s)", round, rc, err.message);
         cr_assert_eq(wrong, 0);
     }
