@@ -151,48 +151,24 @@ static void keep_guard(const struct pp_desc *d)
     memcpy(guard_copy, (const unsigned char *)(uintptr_t)d->results + rbytes, guard_len);
 }
 
-/* Whether the first bytes of a result that has not run yet (at most 8 of
- * its r; `left` bytes of results follow p) are not zero any more. One load
- * for most: items of a few nanoseconds feel a loop. */
-static bool next_result_written(const unsigned char *p, size_t left, size_t r)
+/* The first bytes (at most 8 of its r) of the result at p, which `left`
+ * bytes of results follow: one load for most, as items of a few
+ * nanoseconds feel a loop. */
+static uint64_t peek_result(const unsigned char *p, size_t left, size_t r)
 {
-    size_t look = r < 8 ? r : 8;
-    if (left >= 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        return (v & result_mask) != 0;
-    }
-    for (size_t k = 0; k < look; k++)
-        if (p[k] != 0)
-            return true;
-    return false;
+    uint64_t v = 0;
+    memcpy(&v, p, left >= 8 ? 8 : r < 8 ? r : 8);
+    return v & result_mask;
 }
 
-/* Past an item's result lies the next item's result, zero until it runs,
- * and past the chunk's last result the guard: anything else there means
- * item i wrote past its result_size. Only the next result's first 8 bytes
- * are looked at, where an overrun starts, so the check costs one load per
- * item. When one is found, up to
- * PP_GUARD bytes after the item are put back (zeroes, then the guard as the
- * chunk found it), so that the next items start as they should and the
- * parent finds its guard whole: only item i fails. An overrun that skips
- * those bytes still meets the parent's own check of the guard. */
-static bool overran(const struct pp_desc *d, uint32_t i)
+/* Whether the guard after the chunk's results is as the chunk found it; if
+ * not, it is put back, so that the parent finds it whole. */
+static bool guard_broken(const struct pp_desc *d)
 {
-    unsigned char *res = (unsigned char *)(uintptr_t)d->results;
-    size_t from = (size_t)(i + 1) * d->result_size, end = (size_t)d->count * d->result_size;
-    bool bad;
-    if (from < end) {
-        bad = next_result_written(res + from, end - from, d->result_size);
-    } else {
-        bad = guard_len != 0 && memcmp(res + end, guard_copy, guard_len) != 0;
-    }
-    if (!bad)
+    unsigned char *end = (unsigned char *)(uintptr_t)d->results + (size_t)d->count * d->result_size;
+    if (guard_len == 0 || memcmp(end, guard_copy, guard_len) == 0)
         return false;
-    size_t zeros = end - from < PP_GUARD ? end - from : PP_GUARD;
-    memset(res + from, 0, zeros);
-    if (zeros < PP_GUARD && guard_len != 0)
-        memcpy(res + end, guard_copy, guard_len);
+    memcpy(end, guard_copy, guard_len);
     return true;
 }
 
@@ -222,13 +198,31 @@ static inline int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, p
     return rc;
 }
 
+/* Claims up to `step` items of the entry from item `from`. Returns the end
+ * of the items claimed here so far: `from` if the parent took the rest back
+ * (or a task scribbled the word: the parent runs the rest again). Results
+ * start as zero bytes, zeroed here for the items just claimed and no others:
+ * the rest may run elsewhere, and when results go straight to the caller's
+ * arena array, another worker may have written them already. Zeroing just
+ * before the items run also leaves their lines in this CPU's cache. */
+static uint32_t claim_items(_Atomic uint32_t *claim, const struct pp_desc *d, uint32_t from,
+                            uint32_t step)
+{
+    if (atomic_fetch_add_explicit(claim, step, memory_order_acq_rel) != from)
+        return from;
+    uint32_t end = (uint64_t)from + step < d->count ? from + step : d->count;
+    if (d->result_size != 0)
+        memset((void *)(uintptr_t)(d->results + from * d->result_size), 0,
+               (size_t)(end - from) * d->result_size);
+    return end;
+}
+
 /* Runs the items of a claimed entry, claiming them a few at a time: a
- * sixteenth of the entry (one by one in entries of up to 16 items), so
- * that the parent can take back most of a long chunk's items for an idle
- * worker at the cost of 16 atomic operations per chunk. A claim that does
- * not return the next item's index means the parent took the rest back (or
- * a task scribbled the word: the parent runs the rest again). Returns how
- * many items, from the first, ran here.
+ * sixteenth of the entry, so that the parent can take back most of a long
+ * chunk's items for an idle worker at the cost of 16 atomic operations per
+ * chunk. Returns how many items, from the first, ran here. In these long
+ * chunks, whose items are usually a few nanoseconds each, only the parent's
+ * guard catches a task that writes past its result_size.
  *
  * The loop keeps its state in locals whose address never escapes: the task
  * is called through a pointer, so anything it could reach (the entry, an
@@ -242,26 +236,53 @@ static uint32_t run_claimed(const struct pp_worker_cfg *cfg, struct pp_slot *s,
     const uint32_t count = d->count, step = (count + 15) / 16;
     const uint64_t as = d->arg_size, rs = d->result_size;
     uint64_t arg = as ? d->args : 0, res = rs ? d->results : 0;
-    /* Overruns are told apart per item in entries of up to 16 items (batches
-     * of chunks of one, small chunks); in longer chunks, whose items are
-     * usually a few nanoseconds each, the parent's guard alone catches them. */
-    const bool check = rs != 0 && count <= 16;
-    if (check)
-        keep_guard(d);
-    uint32_t i = 0, end = 0;
+    uint32_t i = 0, end = 0; /* items before `end` were claimed here */
     for (; i < count; i++, arg += as, res += rs) {
-        if (i == end) {
-            if (atomic_fetch_add_explicit(&shared->claim, step, memory_order_acq_rel) != end)
-                break;
-            end = (uint64_t)end + step < count ? end + step : count;
-        }
-        if (run_item(cfg, s, fn, (const void *)(uintptr_t)arg, (void *)(uintptr_t)res, head, i) ==
-                0 &&
-            check && overran(d, i))
-            post(cfg, s, PP_MSG_OVERRUN, head, i, 0,
-                 "a task of this chunk wrote past its result_size");
+        if (i == end && (end = claim_items(&shared->claim, d, end, step)) == i)
+            break;
+        run_item(cfg, s, fn, (const void *)(uintptr_t)arg, (void *)(uintptr_t)res, head, i);
     }
     return i;
+}
+
+/* As run_claimed, one item at a time, for entries of up to 16 items with
+ * results (batches of chunks of one, small chunks), where an item that
+ * writes past its result_size is told apart, so that only it fails. Past
+ * an item's result lies the next item's, and past the last one the
+ * parent's guard: if the first bytes of the next result changed while the
+ * item ran, the item wrote there. That is known only once the next item is
+ * claimed here (then no other worker can have written it); claiming it
+ * zeroes it again. The guard is put back as the chunk found it, so that
+ * the parent finds it whole. An overrun that skips those bytes still meets
+ * the parent's own check of the guard. */
+static uint32_t run_checked(const struct pp_worker_cfg *cfg, struct pp_slot *s,
+                            struct pp_desc *shared, const struct pp_desc *d, pp_fn *fn,
+                            uint32_t head)
+{
+    const uint32_t count = d->count;
+    const size_t as = d->arg_size, rs = d->result_size;
+    const unsigned char *args = as ? (const unsigned char *)(uintptr_t)d->args : NULL;
+    unsigned char *res = (unsigned char *)(uintptr_t)d->results;
+    keep_guard(d);
+    if (claim_items(&shared->claim, d, 0, 1) == 0)
+        return 0;
+    for (uint32_t i = 0;; i++) {
+        unsigned char *next = res + (size_t)(i + 1) * rs;
+        size_t left = (size_t)(count - i - 1) * rs;
+        bool last = i + 1 == count;
+        uint64_t before = last ? 0 : peek_result(next, left, rs);
+        int rc = run_item(cfg, s, fn, args ? args + (size_t)i * as : NULL, next - rs, head, i);
+        uint64_t after = last ? 0 : peek_result(next, left, rs);
+        bool more = !last && claim_items(&shared->claim, d, i + 1, 1) == i + 2;
+        bool bad = last ? guard_broken(d) : more && after != before;
+        if (bad && !last && left < PP_GUARD)
+            guard_broken(d); /* it may have reached the guard */
+        if (rc == 0 && bad)
+            post(cfg, s, PP_MSG_OVERRUN, head, i, 0,
+                 "a task of this chunk wrote past its result_size");
+        if (!more)
+            return i + 1;
+    }
 }
 
 /* Runs the entry at `head` if we win it; false if the parent withdrew it. */
@@ -286,8 +307,6 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
     struct pp_desc copy;
     memcpy(&copy, shared, sizeof copy);
     const struct pp_desc *d = &copy;
-    if (d->result_size) /* every result starts as zero bytes; one memset per chunk */
-        memset((void *)(uintptr_t)d->results, 0, d->count * d->result_size);
     pp_fn *fn = (pp_fn *)(uintptr_t)d->fn;
     uint32_t ran = d->count;
     if (cfg->objects != NULL && (fn = pp__spawn_resolve(cfg->objects, d->fn)) == NULL) {
@@ -297,7 +316,8 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
         post(cfg, s, PP_MSG_NOTFOUND, head, 0, 0,
              "the task's function cannot be found in the spawned worker");
     } else {
-        ran = run_claimed(cfg, s, shared, d, fn, head);
+        bool check = d->result_size != 0 && d->count <= 16;
+        ran = (check ? run_checked : run_claimed)(cfg, s, shared, d, fn, head);
     }
     post(cfg, s, PP_MSG_DONE, head, ran, 0, NULL);
     atomic_store_explicit(&s->busy, 0, memory_order_release);
