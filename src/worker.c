@@ -154,11 +154,31 @@ static void keep_guard(const struct pp_desc *d)
 /* The first bytes (at most 8 of its r) of the result at p, which `left`
  * bytes of results follow: one load for most, as items of a few
  * nanoseconds feel a loop. */
-static uint64_t peek_result(const unsigned char *p, size_t left, size_t r)
+static inline uint64_t peek_result(const unsigned char *p, size_t left, size_t r)
 {
     uint64_t v = 0;
-    memcpy(&v, p, left >= 8 ? 8 : r < 8 ? r : 8);
+    if (left >= 8)
+        memcpy(&v, p, 8);
+    else
+        for (size_t k = 0; k < r && k < 8; k++)
+            v |= (uint64_t)p[k] << (8 * k);
     return v & result_mask;
+}
+
+/* memset(p, 0, n) without a call for the sizes of most results. */
+static inline void zero_bytes(unsigned char *p, size_t n)
+{
+    const uint64_t z8 = 0;
+    const uint32_t z4 = 0;
+    if (n >= 8 && n <= 16) {
+        memcpy(p, &z8, 8);
+        memcpy(p + n - 8, &z8, 8);
+    } else if (n >= 4 && n < 8) {
+        memcpy(p, &z4, 4);
+        memcpy(p + n - 4, &z4, 4);
+    } else {
+        memset(p, 0, n);
+    }
 }
 
 /* Whether the guard after the chunk's results is as the chunk found it; if
@@ -205,15 +225,15 @@ static inline int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, p
  * the rest may run elsewhere, and when results go straight to the caller's
  * arena array, another worker may have written them already. Zeroing just
  * before the items run also leaves their lines in this CPU's cache. */
-static uint32_t claim_items(_Atomic uint32_t *claim, const struct pp_desc *d, uint32_t from,
-                            uint32_t step)
+static inline uint32_t claim_items(_Atomic uint32_t *claim, const struct pp_desc *d, uint32_t from,
+                                   uint32_t step)
 {
     if (atomic_fetch_add_explicit(claim, step, memory_order_acq_rel) != from)
         return from;
     uint32_t end = (uint64_t)from + step < d->count ? from + step : d->count;
     if (d->result_size != 0)
-        memset((void *)(uintptr_t)(d->results + from * d->result_size), 0,
-               (size_t)(end - from) * d->result_size);
+        zero_bytes((unsigned char *)(uintptr_t)(d->results + from * d->result_size),
+                   (size_t)(end - from) * d->result_size);
     return end;
 }
 
