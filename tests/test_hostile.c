@@ -269,6 +269,20 @@ Test(hostile, task_scribbles_whole_control_block, .init = setup, .fini = teardow
     storm(DO_SCRIBBLE_ALL, 12);
 }
 
+/* Four maps of 400 items in chunks of one, an item of each doing `what`:
+ * each map succeeds with every result right; then the pool recovers. */
+static void unharmed_by(pp_pool *pool, int what)
+{
+    for (int round = 0; round < 4; round++) {
+        pp_error err;
+        int wrong;
+        int rc = map_with(pool, 400, 30 + round * 50, what, 0, 1, &err, &wrong);
+        cr_assert_eq(rc, 0, "round %d: rc %d (%s)", round, rc, err.message);
+        cr_assert_eq(wrong, 0);
+    }
+    assert_recovers(pool);
+}
+
 /* Its worker then sweeps two billion inbox positions nobody posted,
  * claiming what it finds POSTED at their indexes under the wrong position
  * (found: a rare hang of task_scribbles_whole_control_block_once, the
@@ -278,16 +292,7 @@ Test(hostile, task_scribbles_whole_control_block, .init = setup, .fini = teardow
 Test(hostile, task_moves_its_inbox_tail, .init = setup, .fini = teardown,
      .timeout = PP_TEST_TIMEOUT(60))
 {
-    pp_pool *pool = new_pool(0);
-    for (int round = 0; round < 4; round++) {
-        atomic_store(&flags->count, 0);
-        pp_error err;
-        int wrong;
-        int rc = map_with(pool, 400, 30 + round * 50, DO_JUMP_TAIL, 0, 1, &err, &wrong);
-        cr_assert_eq(rc, 0, "round %d: rc %d (%s)", round, rc, err.message);
-        cr_assert_eq(wrong, 0);
-    }
-    assert_recovers(pool);
+    unharmed_by(new_pool(0), DO_JUMP_TAIL);
 }
 
 /* Its worker then finds its inbox empty and sleeps, with entries dealt to
@@ -297,14 +302,7 @@ Test(hostile, task_hides_its_inbox, .init = setup, .fini = teardown, .timeout = 
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     cr_assert_not_null(pool);
-    for (int round = 0; round < 4; round++) {
-        pp_error err;
-        int wrong;
-        int rc = map_with(pool, 400, 30 + round * 50, DO_HIDE_INBOX, 0, 1, &err, &wrong);
-        cr_assert_eq(rc, 0, "round %d: rc %d (%s)", round, rc, err.message);
-        cr_assert_eq(wrong, 0);
-    }
-    assert_recovers(pool);
+    unharmed_by(pool, DO_HIDE_INBOX);
 }
 
 /* As task_scribbles_whole_control_block, and the task's worker dies. */
