@@ -1157,6 +1157,24 @@ bool pp__can_progress(pp_pool *pool)
     return false;
 }
 
+/* A worker that has not moved to its oldest entry, posted PP_UNCLAIMED_NS
+ * ago, and runs nothing, does not hear its doorbell: a task of another
+ * worker may have cleared its `sleeping` word (the others would take its
+ * entries back by balancing, and it would never run again). It is woken
+ * regardless, at most once per that interval. */
+static void rouse_if_unheard(pp_pool *pool, int id, int64_t now)
+{
+    struct pp_worker *w = &pool->w[id];
+    if (w->retired == w->tail || now - w->roused_ns < PP_UNCLAIMED_NS ||
+        now - w->dealt[w->retired & PP_RING_MASK].posted_ns < PP_UNCLAIMED_NS)
+        return;
+    struct pp_slot *s = &pool->ctl->slot[id];
+    if (atomic_load(&s->in_head) != w->retired || atomic_load(&s->busy))
+        return;
+    w->roused_ns = now;
+    pp__ring_rouse_worker(s);
+}
+
 void pp__pump(pp_pool *pool)
 {
     /* The zygote's socket is read when poll() saw it readable, and now and
@@ -1178,6 +1196,8 @@ void pp__pump(pp_pool *pool)
             note_started(pool, id);
         if (w->state == PP_WS_READY || w->state == PP_WS_EXITING)
             pp__collect(pool, id);
+        if (w->state == PP_WS_READY)
+            rouse_if_unheard(pool, id, now);
     }
     if (!pool->progress) /* whoever pumps may wait for an item of a running entry */
         for (int id = 0; id < pool->nworkers; id++)

@@ -108,6 +108,7 @@ struct pp_worker {
     bool was_ready;    /* said READY: it started, whatever happened next */
     unsigned early_deaths; /* deaths in a row of this slot's workers before any chunk */
     bool given_up;         /* crash loop: this slot is not replaced any more */
+    int64_t roused_ns;     /* when it was last woken unasked (dispatch.c rouse_if_unheard) */
     int64_t cancel_at;     /* kill it then if it still runs the cancelled chunk; 0: none */
     uint32_t cancel_seq;   /* the inbox position of that chunk */
     struct pp_dealt dealt[PP_RING];

@@ -43,3 +43,9 @@ void pp__ring_wake_worker(struct pp_slot *slot)
         pp__futex_wake(&slot->doorbell, 1);
     }
 }
+
+void pp__ring_rouse_worker(struct pp_slot *slot)
+{
+    atomic_fetch_add_explicit(&slot->doorbell, 1, memory_order_seq_cst);
+    pp__futex_wake(&slot->doorbell, 1);
+}

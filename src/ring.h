@@ -137,5 +137,9 @@ size_t pp__ctl_size(uint32_t nworkers);
 void pp__ring_notify_parent(struct pp_ctl *ctl, int wake_fd);
 /* Parent side: make sure the worker of `slot` sees new inbox entries. */
 void pp__ring_wake_worker(struct pp_slot *slot);
+/* Parent side: wakes the worker whether or not its slot says it sleeps (a
+ * task of another worker may have cleared the word). A system call: only
+ * for a worker that left its entries unclaimed for long. */
+void pp__ring_rouse_worker(struct pp_slot *slot);
 
 #endif

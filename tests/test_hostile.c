@@ -11,6 +11,7 @@
 
 #include <criterion/criterion.h>
 #include <procpool.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,6 +79,7 @@ enum {
     DO_RESET_CLAIM,        /* sets its chunk's claim word back to item 0 */
     DO_JUMP_TAIL,          /* moves its inbox's in_tail 2^31 positions on */
     DO_HIDE_INBOX,         /* moves its inbox's in_tail back to its own entry's end */
+    DO_SILENCE_OTHER,      /* clears the other worker's `sleeping` word while it sleeps */
 };
 
 struct item {
@@ -150,6 +152,14 @@ static int hostile(const void *arg, void *result)
     case DO_HIDE_INBOX: {
         struct pp_slot *s = &((struct pp_ctl *)ctl)->slot[id];
         atomic_store(&s->in_tail, atomic_load(&s->cur_seq) + 1);
+        break;
+    }
+    case DO_SILENCE_OTHER: {
+        struct pp_slot *other = &((struct pp_ctl *)ctl)->slot[(id + 1) % W];
+        double until = now_s() + 5.0;
+        while (atomic_load(&other->sleeping) == 0 && now_s() < until)
+            sched_yield();
+        atomic_store(&other->sleeping, 0);
         break;
     }
     case DO_OVERFLOW: /* its own result right, then 31 more past it */
@@ -303,6 +313,40 @@ Test(hostile, task_hides_its_inbox, .init = setup, .fini = teardown, .timeout = 
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     cr_assert_not_null(pool);
     unharmed_by(pool, DO_HIDE_INBOX);
+}
+
+static int whose(const void *arg, void *result)
+{
+    (void)arg;
+    int id = pp_worker_id();
+    memcpy(result, &id, sizeof id);
+    return 0;
+}
+
+/* The parent wakes a worker only if its slot says it sleeps: a task of
+ * another worker that clears the word leaves it asleep for good, and the
+ * pool served on with one worker (the other took its entries back by
+ * balancing). A lone entry left unclaimed for 50 ms now wakes its worker
+ * whatever the word says, so both workers serve again. */
+Test(hostile, task_silences_another_sleeping_worker, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(60))
+{
+    pp_pool *pool = new_pool(0);
+    pp_error err;
+    int wrong;
+    cr_assert_eq(map_with(pool, 1, 0, DO_SILENCE_OTHER, 0, 1, &err, &wrong), 0);
+    bool seen[W] = {false};
+    double deadline = now_s() + 10.0 * slow_factor();
+    while (!(seen[0] && seen[1]) && now_s() < deadline) {
+        int in[64] = {0}, ids[64];
+        cr_assert_eq(pp_map(pool, whose, in, 64, sizeof *in, ids, sizeof *ids, 1, &err), 0);
+        for (int i = 0; i < 64; i++) {
+            cr_assert(ids[i] >= 0 && ids[i] < W, "worker id %d", ids[i]);
+            seen[ids[i]] = true;
+        }
+    }
+    cr_assert(seen[0] && seen[1], "a worker never ran again");
+    assert_recovers(pool);
 }
 
 /* As task_scribbles_whole_control_block, and the task's worker dies. */
