@@ -326,8 +326,9 @@ static int whose(const void *arg, void *result)
 /* The parent wakes a worker only if its slot says it sleeps: a task of
  * another worker that clears the word leaves it asleep for good, and the
  * pool served on with one worker (the other took its entries back by
- * balancing). A lone entry left unclaimed for 50 ms now wakes its worker
- * whatever the word says, so both workers serve again. */
+ * balancing). A worker that has not moved to an entry posted 50 ms ago,
+ * and runs nothing, is now woken whatever the word says, so both workers
+ * serve again. */
 Test(hostile, task_silences_another_sleeping_worker, .init = setup, .fini = teardown,
      .timeout = PP_TEST_TIMEOUT(60))
 {
