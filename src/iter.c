@@ -319,7 +319,7 @@ static int hand_back(struct pp_iter *it, struct pp_chunkrec *rec, uint32_t i, vo
         *index = rec->first + i;
     if (rec->state[i] == PP_ITEM_OK) {
         if (r)
-            memcpy(result, rec->results + i * r, r);
+            pp__copy_small(result, rec->results + i * r, r);
         if (err)
             pp__clear_error(err);
     } else {
