@@ -5,7 +5,11 @@
 # run's raw figure, to <builddir>/bench-results.txt.
 # Workload by workload, each side in turn, each in a process of its own under
 # `timeout`: a hang costs one cell, not the table, and a change in background
-# load hits every side of a workload alike. Knobs: see bench/README.md.
+# load hits every side of a workload alike. The C sides (procpool, pthread,
+# serial) take turns run by run, one process per run: on a VM whose speed
+# moves from one second to the next (docs/performance.md, "Where a slow
+# process loses its time"), the two sides of a ratio then meet the same
+# moments. Knobs: see bench/README.md.
 set -u
 build=${1:-build-bench}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -13,6 +17,8 @@ raw="$build/bench-raw"
 mkdir -p "$raw"
 python=${PYTHON:-python3}
 read -r -a workloads <<<"$(echo "${PP_BENCH_ONLY:-1 2 3 4 5 6 7 8}" | tr ',' ' ')"
+reps=${PP_BENCH_REPS:-5}
+turns=" procpool pthread serial " # the sides that take turns run by run
 
 # Seconds one workload of one side may take: a sound side needs a fraction.
 limit_for() {
@@ -55,21 +61,40 @@ for i in "${!names[@]}"; do
         echo "== ${names[$i]}: $1 not built, skipped" >&2
     fi
 done
-for w in "${workloads[@]}"; do
+# run_side I W RUNS [quiet]: side I runs workload W, RUNS times over, in one
+# process; quiet: without its progress lines (a turn after the first).
+run_side() {
+    local out="$raw/${names[$1]}.txt" w=$2 runs=$3 quiet=${4:-} limit rc
+    grep -q '^E	side	' "$out" && return
     limit=$(limit_for "$w")
+    eval "set -- ${cmds[$1]}"
+    if [ -n "$quiet" ]; then
+        PP_BENCH_ONLY=$w PP_BENCH_REPS=$runs timeout "$limit" "$@" >>"$out" \
+            2> >(grep -v '^  \[' >&2)
+    else
+        PP_BENCH_ONLY=$w PP_BENCH_REPS=$runs timeout "$limit" "$@" >>"$out"
+    fi
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        printf 'E\tworkload %s\texited with status %d%s\n' "$w" $rc \
+            "$([ $rc -eq 124 ] && echo " (ran past ${limit}s: hung?)")" >>"$out"
+        echo "   ${names[$1]}, workload $w: exited with status $rc" >&2
+    fi
+}
+takes_turns() { [[ $turns == *" ${names[$1]} "* ]]; }
+for w in "${workloads[@]}"; do
     echo "== workload $w" >&2
-    for i in "${!names[@]}"; do
-        out="$raw/${names[$i]}.txt"
-        grep -q '^E	side	' "$out" && continue
-        eval "set -- ${cmds[$i]}"
-        PP_BENCH_ONLY=$w timeout "$limit" "$@" >>"$out"
-        rc=$?
-        if [ $rc -ne 0 ]; then
-            printf 'E\tworkload %s\texited with status %d%s\n' "$w" $rc \
-                "$([ $rc -eq 124 ] && echo " (ran past ${limit}s: hung?)")" >>"$out"
-            echo "   ${names[$i]}, workload $w: exited with status $rc" >&2
-        fi
+    for ((r = 0; r < reps; r++)); do
+        for i in "${!names[@]}"; do
+            if takes_turns "$i"; then run_side "$i" "$w" 1 "$([ $r -gt 0 ] && echo quiet)"; fi
+        done
     done
+    for i in "${!names[@]}"; do
+        if ! takes_turns "$i"; then run_side "$i" "$w" "$reps"; fi
+    done
+done
+for i in "${!names[@]}"; do # runs per cell, not per process
+    if takes_turns "$i"; then printf 'I\treps\t%d\n' "$reps" >>"$raw/${names[$i]}.txt"; fi
 done
 t1=$(date +%s.%N)
 
