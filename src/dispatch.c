@@ -723,11 +723,22 @@ static struct pp_dealt *lookup(struct pp_worker *w, uint32_t seq)
 
 /* An abandoned entry's items were already failed; when its worker answers or
  * dies, only its payload and its hold on the job remain to give back. */
-void pp__release_abandoned(pp_pool *pool, struct pp_dealt *d)
+static void release_abandoned(pp_pool *pool, struct pp_dealt *d)
 {
     d->done = true;
     pp__payload_free(&pool->payload, &d->extent);
     pp__piece_release(pool, &d->piece);
+}
+
+bool pp__dealt_open(pp_pool *pool, struct pp_dealt *d)
+{
+    if (d->done || d->withdrawn)
+        return false;
+    if (d->abandoned) {
+        release_abandoned(pool, d);
+        return false;
+    }
+    return true;
 }
 
 /* A task that wrote past its result_size changed the guard after the
@@ -788,7 +799,7 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
         return; /* stale or forged */
     if (d->abandoned) {
         if (m->kind == PP_MSG_DONE)
-            pp__release_abandoned(pool, d);
+            release_abandoned(pool, d);
     } else if (m->kind == PP_MSG_DONE) {
         uint32_t ran = m->item > d->copied ? m->item : d->copied;
         if (ran < d->piece.count) /* it stopped early: the rest runs elsewhere */
@@ -850,12 +861,8 @@ static void requeue_skipped(pp_pool *pool, struct pp_worker *w, uint32_t head)
 {
     for (uint32_t pos = w->retired; pos != head; pos++) {
         struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
-        if (d->done || d->withdrawn)
+        if (!pp__dealt_open(pool, d))
             continue;
-        if (d->abandoned) {
-            pp__release_abandoned(pool, d);
-            continue;
-        }
         d->withdrawn = true;
         pp__payload_free(&pool->payload, &d->extent);
         pp__requeue_dealt(pool, d);

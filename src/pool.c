@@ -631,12 +631,7 @@ fail:
     }
     release_resources(pool);
     pp__mpi_close(pool->mpi);
-    free(pool->w);
-    pp__jobcache_destroy(&pool->jobcache);
-    pthread_mutex_destroy(&pool->mu);
-    pthread_cond_destroy(&pool->cond);
-    pthread_cond_destroy(&pool->thread_cond);
-    free(pool);
+    pp__pool_destroy(pool);
     errno = pp__submit_errno(rc);
     return NULL;
 }

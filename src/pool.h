@@ -215,7 +215,10 @@ void pp__keep_finished(pp_pool *pool, struct pp_dealt *d);
 /* An entry that will not run where it was dealt goes back to the retry
  * ring; items already resolved by FAIL messages are not resolved again. */
 void pp__requeue_dealt(pp_pool *pool, struct pp_dealt *d);
-void pp__release_abandoned(pp_pool *pool, struct pp_dealt *d);
+/* Whether entry d still waits for its worker: false once settled or taken
+ * back; an abandoned one (its items failed already) is released here, its
+ * worker having answered or died. */
+bool pp__dealt_open(pp_pool *pool, struct pp_dealt *d);
 void pp__fail_piece(struct pp_piece *p, uint32_t already, int code, const char *why);
 void pp__piece_hold(struct pp_piece *p);
 void pp__piece_release(pp_pool *pool, struct pp_piece *p);

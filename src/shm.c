@@ -164,6 +164,18 @@ static uint64_t find_run(struct arena *a, uint64_t n, uint64_t *first_free)
     return UINT64_MAX;
 }
 
+/* Writes down what the run operation about to start does to [page, page +
+ * n), before it does it: a process that dies in the middle leaves the log
+ * for recover(). The operation ends by setting op back to OP_NONE. */
+static void log_intent(struct arena *a, uint32_t op, uint64_t page, uint64_t n)
+{
+    a->intent.page = page;
+    a->intent.n = n;
+    COMMIT();
+    a->intent.op = op;
+    COMMIT();
+}
+
 /* Marks [page, page + n) used and moves the hint past what is known used. */
 static void take_run(struct arena *a, uint64_t page, uint64_t n, uint64_t first_free)
 {
@@ -231,11 +243,7 @@ static int refill(struct arena *a, unsigned c)
     if (page == UINT64_MAX)
         return -ENOMEM;
     a->intent.cls = c;
-    a->intent.page = page;
-    a->intent.n = n;
-    COMMIT();
-    a->intent.op = OP_ALLOC_SLAB;
-    COMMIT();
+    log_intent(a, OP_ALLOC_SLAB, page, n);
     take_run(a, page, n, first_free);
     for (uint64_t i = 0; i < n; i++)
         info(a)[page + i] = SLAB_BIT | (uint32_t)c << 24 | (uint32_t)i;
@@ -284,11 +292,7 @@ static void *alloc_pages(struct arena *a, uint64_t n)
         errno = ENOMEM;
         return NULL;
     }
-    a->intent.page = page;
-    a->intent.n = n;
-    COMMIT();
-    a->intent.op = OP_ALLOC_BIG;
-    COMMIT();
+    log_intent(a, OP_ALLOC_BIG, page, n);
     take_run(a, page, n, first_free);
     info(a)[page] = (uint32_t)n;
     COMMIT();
@@ -490,11 +494,7 @@ void pp_shm_free(void *p)
     if (arena_lock(a) != 0)
         return;
     if (info(a)[page] == v) {
-        a->intent.page = page;
-        a->intent.n = v;
-        COMMIT();
-        a->intent.op = OP_FREE_BIG;
-        COMMIT();
+        log_intent(a, OP_FREE_BIG, page, v);
         info(a)[page] = 0;
         bits_set(a, page, v, false);
         if (page < a->hint)

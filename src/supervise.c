@@ -139,12 +139,8 @@ static bool settle_slot(pp_pool *pool, int id, int code, int st, const char *why
     /* Newest first, each pushed to the front: the ring keeps input order. */
     for (uint32_t pos = w->tail - 1; pos != w->retired - 1; pos--) {
         struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
-        if (d->done || d->withdrawn)
+        if (!pp__dealt_open(pool, d))
             continue;
-        if (d->abandoned) {
-            pp__release_abandoned(pool, d);
-            continue;
-        }
         uint32_t state = atomic_load(&s->in[pos & PP_RING_MASK].state);
         bool started = state != PP_DESC_POSTED || d->nfail > 0;
         d->done = true;
