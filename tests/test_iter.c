@@ -353,3 +353,62 @@ Test(iter, an_idle_worker_takes_from_every_busy_one, .init = setup, .fini = tear
     free(out);
     pp_pool_free(pool);
 }
+
+/* Fills the item's result_size bytes (its argument says how many) with a
+ * pattern of its number: each byte differs, so a result cut short or
+ * shifted by one byte shows. */
+struct sized {
+    int x;
+    int size;
+};
+
+static unsigned char pattern(int x, int k)
+{
+    return (unsigned char)(x * 31 + k * 7 + 1);
+}
+
+static int fill_sized(const void *arg, void *result)
+{
+    const struct sized *a = arg;
+    for (int k = 0; k < a->size; k++)
+        ((unsigned char *)result)[k] = pattern(a->x, k);
+    return 0;
+}
+
+/* An item handed back copies results of up to 16 bytes without memcpy:
+ * every size around those branches comes back whole, and no byte past it
+ * is written, in order and unordered. */
+Test(iter, results_of_every_size_come_back_whole, .timeout = PP_TEST_TIMEOUT(60))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    static const int sizes[] = {1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24, 33, 100};
+    enum { N = 50 };
+    for (size_t z = 0; z < sizeof sizes / sizeof *sizes; z++) {
+        int size = sizes[z];
+        struct sized in[N];
+        for (int i = 0; i < N; i++)
+            in[i] = (struct sized){.x = i, .size = size};
+        for (int ordered = 0; ordered < 2; ordered++) {
+            pp_iter *it =
+                ordered ? pp_imap(pool, fill_sized, in, N, sizeof *in, (size_t)size, 1)
+                        : pp_imap_unordered(pool, fill_sized, in, N, sizeof *in, (size_t)size, 1);
+            cr_assert_not_null(it);
+            unsigned char out[128];
+            size_t index;
+            int n = 0, rc;
+            memset(out, 0xee, sizeof out);
+            while ((rc = pp_iter_next(it, out, &index, -1, NULL)) == 1) {
+                for (int k = 0; k < size; k++)
+                    cr_assert_eq(out[k], pattern((int)index, k), "size %d, item %zu, byte %d", size,
+                                 index, k);
+                for (int k = size; k < (int)sizeof out; k++)
+                    cr_assert_eq(out[k], 0xee, "size %d: byte %d written", size, k);
+                n++;
+            }
+            cr_assert_eq(rc, 0);
+            cr_assert_eq(n, N, "size %d", size);
+            pp_iter_free(it);
+        }
+    }
+    pp_pool_free(pool);
+}
