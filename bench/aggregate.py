@@ -258,6 +258,8 @@ def main():
     ap.add_argument("--out", help="also write table and raw runs here")
     ap.add_argument("--seconds", type=float, help="suite run time to report")
     ap.add_argument("--load", help="1-minute load average before and after the runs")
+    ap.add_argument("--pingpong", help="W:NS ...: a cache line's round trip between CPU 0 "
+                    "and CPU 1 just before workload W")
     ap.add_argument("sides", nargs="+", metavar="SIDE=FILE")
     a = ap.parse_args()
     sides = []
@@ -273,6 +275,12 @@ def main():
                          "figures are noisier and slower than on an idle machine.")
         except ValueError:
             pass
+    if a.pingpong and a.pingpong.split():
+        pairs = ", ".join(f"{w} {ns} ns" for w, _, ns in
+                          (p.partition(":") for p in a.pingpong.split()))
+        text += ("\nCache line round trip CPU 0 <-> CPU 1 before each workload: " + pairs +
+                 " (on a VM it can change several-fold from one moment to the next, and "
+                 "the rates of workloads 2-5 on every side with it: docs/performance.md)")
     print(text)
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:

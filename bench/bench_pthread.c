@@ -2,15 +2,71 @@
  * bench_pthread: procpool's benchmark workloads on the baselines that need
  * no procpool: `bench_pthread pthread` runs them on the plain pthread pool
  * (pthread_pool.c), `bench_pthread serial` runs the serial loop (workloads
- * 1, 6 and 8 only). Prints harness lines (see harness.h).
+ * 1, 6 and 8 only). Prints harness lines (see harness.h). `bench_pthread
+ * pingpong` times a cache line going back and forth between CPU 0 and CPU 1
+ * (run.sh prints it before each workload: on a VM it changes from one
+ * moment to the next, and every side of workloads 2-5 with it).
  */
 #define _GNU_SOURCE
 #include "harness.h"
 #include "pthread_pool.h"
 
+#include <pthread.h>
+#include <sched.h>
+#include <stdalign.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PINGS 200000
+
+static alignas(64) _Atomic int ball;
+
+static bool pin(int cpu)
+{
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0;
+}
+
+static void *pong(void *arg)
+{
+    (void)arg;
+    pin(1); /* checked allowed before */
+    for (int i = 0; i < PINGS; i++) {
+        while (atomic_load_explicit(&ball, memory_order_acquire) != 2 * i + 1)
+            ;
+        atomic_store_explicit(&ball, 2 * i + 2, memory_order_release);
+    }
+    return NULL;
+}
+
+/* Prints `I pingpong_ns <round trip>`; nothing unless CPUs 0 and 1 are
+ * both ours to run on. */
+static int pingpong(void)
+{
+    cpu_set_t mine;
+    pthread_t t;
+    if (sched_getaffinity(0, sizeof mine, &mine) != 0 || !CPU_ISSET(0, &mine) ||
+        !CPU_ISSET(1, &mine) || !pin(0) || pthread_create(&t, NULL, pong, NULL))
+        return 0;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (int i = 0; i < PINGS; i++) {
+        atomic_store_explicit(&ball, 2 * i + 1, memory_order_release);
+        while (atomic_load_explicit(&ball, memory_order_acquire) != 2 * i + 2)
+            ;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    pthread_join(t, NULL);
+    printf("I\tpingpong_ns\t%.0f\n",
+           ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / PINGS);
+    return 0;
+}
 
 static void *tp_new(int workers)
 {
@@ -124,8 +180,10 @@ int main(int argc, char **argv)
         .big_alloc = heap_alloc,
         .big_free = heap_free,
     };
+    if (argc >= 2 && strcmp(argv[1], "pingpong") == 0)
+        return pingpong();
     if (argc < 2 || (strcmp(argv[1], "pthread") && strcmp(argv[1], "serial"))) {
-        fprintf(stderr, "usage: %s pthread|serial\n", argv[0]);
+        fprintf(stderr, "usage: %s pthread|serial|pingpong\n", argv[0]);
         return 2;
     }
     return bench_main(strcmp(argv[1], "serial") ? &pthread_side : &serial_side, argc, argv);

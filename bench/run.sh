@@ -82,8 +82,17 @@ run_side() {
     fi
 }
 takes_turns() { [[ $turns == *" ${names[$1]} "* ]]; }
+# The round trip of a cache line between CPU 0 and CPU 1 just before each
+# workload (bench_pthread pingpong): the speed of the moment it ran in.
+pingpongs=""
+pingpong() {
+    timeout 10 "$build/bench/bench_pthread" pingpong 2>/dev/null |
+        awk -F'\t' '$1 == "I" && $2 == "pingpong_ns" { print $3 }'
+}
 for w in "${workloads[@]}"; do
     echo "== workload $w" >&2
+    pp_ns=$(pingpong)
+    [ -n "$pp_ns" ] && pingpongs+="$w:$pp_ns "
     for ((r = 0; r < reps; r++)); do
         for i in "${!names[@]}"; do
             if takes_turns "$i"; then run_side "$i" "$w" 1 "$([ $r -gt 0 ] && echo quiet)"; fi
@@ -100,4 +109,4 @@ t1=$(date +%s.%N)
 
 echo >&2
 "$python" "$here/aggregate.py" --seconds "$(echo "$t0 $t1" | awk '{print $2 - $1}')" --load "$load0 $(load)" \
-    --out "$build/bench-results.txt" "${args[@]}"
+    --pingpong "$pingpongs" --out "$build/bench-results.txt" "${args[@]}"
