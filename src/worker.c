@@ -168,17 +168,11 @@ static inline uint64_t peek_result(const unsigned char *p, size_t left, size_t r
 /* memset(p, 0, n) without a call for the sizes of most results. */
 static inline void zero_bytes(unsigned char *p, size_t n)
 {
-    const uint64_t z8 = 0;
-    const uint32_t z4 = 0;
-    if (n >= 8 && n <= 16) {
-        memcpy(p, &z8, 8);
-        memcpy(p + n - 8, &z8, 8);
-    } else if (n >= 4 && n < 8) {
-        memcpy(p, &z4, 4);
-        memcpy(p + n - 4, &z4, 4);
-    } else {
+    static const unsigned char zeros[16];
+    if (n >= 4 && n <= 16)
+        pp__copy_small(p, zeros, n);
+    else
         memset(p, 0, n);
-    }
 }
 
 /* Whether the guard after the chunk's results is as the chunk found it; if
