@@ -10,6 +10,13 @@
  * source is called only in the caller's thread, never under the pool's
  * lock, so it may do anything. In order, the next item to hand back always
  * lies in the oldest record; unordered, finished items wait in a FIFO.
+ *
+ * Items come out in batches: a call that finds items ready under the lock
+ * takes up to PUMP_EVERY finished ones at once, and the calls after it hand
+ * them back without the lock (one thread at a time uses an iterator, as the
+ * API says, and a finished item's state and result no longer change). Their
+ * books (states, counts, the unlinking of a record) are kept at the next
+ * call that takes the lock; until then their records stay linked.
  */
 #include "iter.h"
 
@@ -44,6 +51,8 @@ struct pp_iter {
     struct pp_chunkrec *dhead, *dtail; /* records not dealt yet */
     struct ready_item *rq;             /* unordered: finished, not handed back */
     size_t rq_head, rq_len, rq_cap;
+    struct ready_item batch[PUMP_EVERY]; /* finished items taken under the lock */
+    unsigned batch_len, batch_next;      /* handed back: those before batch_next */
 };
 
 /* ---- records ---------------------------------------------------------------- */
@@ -309,12 +318,13 @@ static void unlink_rec(struct pp_iter *it, struct pp_chunkrec *rec)
     pp__iter_rec_maybe_free(rec);
 }
 
-/* Hands item i of rec to the caller. Returns 1 or the item's failure code. */
-static int hand_back(struct pp_iter *it, struct pp_chunkrec *rec, uint32_t i, void *result,
-                     size_t *index, pp_error *err)
+/* Gives finished item i of rec to the caller. Returns 1 or the item's
+ * failure code. For an item that succeeded it reads only what no other
+ * thread writes once the item is finished: safe without the lock. */
+static int give(const struct pp_iter *it, const struct pp_chunkrec *rec, uint32_t i, void *result,
+                size_t *index, pp_error *err)
 {
     size_t r = it->job->result_size;
-    int rc = 1;
     if (index)
         *index = rec->first + i;
     if (rec->state[i] == PP_ITEM_OK) {
@@ -322,19 +332,69 @@ static int hand_back(struct pp_iter *it, struct pp_chunkrec *rec, uint32_t i, vo
             pp__copy_small(result, rec->results + i * r, r);
         if (err)
             pp__clear_error(err);
-    } else {
-        pp_error e = {.code = -ENOMEM, .index = rec->first + i, .failed = 1};
-        if (rec->errs)
-            e = rec->errs[i];
-        rc = e.code;
-        if (err)
-            *err = e;
+        return 1;
     }
-    rec->state[i] = PP_ITEM_RETURNED;
-    it->returned++;
-    if (--rec->unreturned == 0)
-        unlink_rec(it, rec);
-    return rc;
+    pp_error e = {.code = -ENOMEM, .index = rec->first + i, .failed = 1};
+    if (rec->errs)
+        e = rec->errs[i];
+    if (err)
+        *err = e;
+    return e.code;
+}
+
+/* Keeps the books of the items handed back since the last locked call. */
+static void settle_batch(struct pp_iter *it)
+{
+    for (unsigned k = 0; k < it->batch_next; k++) {
+        struct pp_chunkrec *rec = it->batch[k].rec;
+        rec->state[it->batch[k].i] = PP_ITEM_RETURNED;
+        it->returned++;
+        if (--rec->unreturned == 0)
+            unlink_rec(it, rec);
+    }
+    it->since_pump += it->batch_next;
+    it->batch_len = it->batch_next = 0;
+}
+
+/* Whether item i may be the batch's n-th: finished, and a failed one only
+ * first, since that one is handed back at once, under the lock (its error
+ * record is allocated under the lock when a failure comes). */
+static bool batchable(const struct pp_chunkrec *rec, uint32_t i, unsigned n)
+{
+    return rec->state[i] == PP_ITEM_OK || (n == 0 && rec->state[i] != PP_ITEM_PENDING);
+}
+
+/* Takes the finished items that come next, up to a batch (mu held; at least
+ * one is ready). In order: the run of finished items from the next one to
+ * hand back, across records; unordered: the front of the FIFO. */
+static void take_batch(struct pp_iter *it)
+{
+    unsigned n = 0;
+    if (it->ordered) {
+        struct pp_chunkrec *rec = it->head;
+        for (size_t pos = it->returned; n < PUMP_EVERY && rec != NULL;) {
+            if (pos == rec->first + rec->count) {
+                rec = rec->next;
+                continue;
+            }
+            uint32_t i = (uint32_t)(pos - rec->first);
+            if (!batchable(rec, i, n))
+                break;
+            it->batch[n++] = (struct ready_item){rec, i};
+            pos++;
+        }
+    } else {
+        while (n < PUMP_EVERY && it->rq_len > 0) {
+            struct ready_item ri = it->rq[it->rq_head];
+            if (!batchable(ri.rec, ri.i, n))
+                break;
+            it->batch[n++] = ri;
+            it->rq_head = (it->rq_head + 1) % it->rq_cap;
+            it->rq_len--;
+        }
+    }
+    it->batch_len = n;
+    it->batch_next = 0;
 }
 
 static bool item_ready(void *arg)
@@ -357,29 +417,29 @@ PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout
 {
     if (it == NULL || (result == NULL && it->job->result_size != 0))
         return -EINVAL;
+    if (it->batch_next < it->batch_len) { /* finished items: no lock (see the top) */
+        struct ready_item ri = it->batch[it->batch_next++];
+        return give(it, ri.rec, ri.i, result, index, err);
+    }
     pp_pool *pool = it->pool;
     int64_t deadline = pp__deadline(timeout);
     pthread_mutex_lock(&pool->mu);
+    settle_batch(it);
     int rc;
     for (;;) {
         if ((rc = refill(it)) < 0)
             break;
         if (item_ready(it)) {
             /* Items that were ready cost no pump; but the workers meanwhile
-             * drain their inboxes, so keep them fed while we hand back. */
-            if (++it->since_pump >= PUMP_EVERY) {
+             * drain their inboxes, so keep them fed while we hand back: a
+             * pump every PUMP_EVERY items. */
+            if (it->since_pump >= PUMP_EVERY) {
                 it->since_pump = 0;
                 pp__pump(pool);
             }
-            if (it->ordered) {
-                struct pp_chunkrec *rec = it->head;
-                rc = hand_back(it, rec, (uint32_t)(it->returned - rec->first), result, index, err);
-            } else {
-                struct ready_item ri = it->rq[it->rq_head];
-                it->rq_head = (it->rq_head + 1) % it->rq_cap;
-                it->rq_len--;
-                rc = hand_back(it, ri.rec, ri.i, result, index, err);
-            }
+            take_batch(it);
+            struct ready_item ri = it->batch[it->batch_next++];
+            rc = give(it, ri.rec, ri.i, result, index, err);
             break;
         }
         if (it->source_done && it->returned == it->taken) {
