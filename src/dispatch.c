@@ -25,6 +25,7 @@
 
 #define DEPTH_SMALL 48 /* inbox depth for chunks that fit inline */
 #define DEPTH_LARGE 2
+#define DEPTH_LEAD  4 /* unfinished entries a lean pump leaves with the lead worker */
 
 /* ---- resolution ------------------------------------------------------- */
 
@@ -451,11 +452,51 @@ static void wake_dealt(pp_pool *pool)
         }
 }
 
+/* The worker lean pumps deal to: the same one while it is ready. */
+static int lead_worker(pp_pool *pool)
+{
+    if (pool->lead < pool->nworkers && pool->w[pool->lead].state == PP_WS_READY)
+        return pool->lead;
+    for (int id = 0; id < pool->nworkers; id++)
+        if (pool->w[id].state == PP_WS_READY)
+            return pool->lead = id;
+    return -1;
+}
+
+/* Entries of worker `id` it has not finished (its in_head moves past an
+ * entry once the entry ran). */
+static uint32_t unfinished(pp_pool *pool, int id)
+{
+    struct pp_worker *w = &pool->w[id];
+    uint32_t head = atomic_load_explicit(&pool->ctl->slot[id].in_head, memory_order_acquire);
+    if (head - w->retired > w->tail - w->retired) /* a scribbled word */
+        return w->tail - w->retired;
+    return w->tail - head;
+}
+
+/* A lean deal (pp__pump_lean): to the lead worker alone, up to DEPTH_LEAD
+ * unfinished entries; the rest waits in the queue for the next pump. */
+static void deal_lean(pp_pool *pool)
+{
+    int id = lead_worker(pool);
+    struct pp_piece p;
+    while (id >= 0 && unfinished(pool, id) < DEPTH_LEAD && next_piece(pool, &p, true))
+        if (!try_post(pool, id, &p, depth_for(&p))) {
+            pp__retry_push_front(pool, p);
+            break;
+        }
+    wake_dealt(pool);
+}
+
 /* Deals until every ready worker holds enough or nothing is left. */
 static void deal(pp_pool *pool)
 {
     if (pool->retry.len == 0 && pool->qhead == NULL)
         return;
+    if (pool->lean) {
+        deal_lean(pool);
+        return;
+    }
     bool room = false;
     for (int id = 0; id < pool->nworkers && !room; id++)
         room = pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) < DEPTH_SMALL;
@@ -643,7 +684,7 @@ static bool steal_tail(pp_pool *pool, int idle)
 
 static void balance(pp_pool *pool)
 {
-    if (pool->retry.len != 0 || pool->qhead != NULL)
+    if (pool->lean || pool->retry.len != 0 || pool->qhead != NULL)
         return;
     for (int id = 0; id < pool->nworkers; id++) {
         if (pool->w[id].state != PP_WS_READY || pending(&pool->w[id]) != 0)
@@ -1180,6 +1221,13 @@ static void rouse_if_unheard(pp_pool *pool, int id, int64_t now)
         return;
     w->roused_ns = now;
     pp__ring_rouse_worker(s);
+}
+
+void pp__pump_lean(pp_pool *pool)
+{
+    pool->lean = true;
+    pp__pump(pool);
+    pool->lean = false;
 }
 
 void pp__pump(pp_pool *pool)

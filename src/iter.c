@@ -298,7 +298,7 @@ static int refill(struct pp_iter *it)
         added = true;
     }
     if (added)
-        pp__pump(pool);
+        pp__pump_lean(pool);
     return 0;
 }
 
@@ -435,7 +435,7 @@ PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout
              * pump every PUMP_EVERY items. */
             if (it->since_pump >= PUMP_EVERY) {
                 it->since_pump = 0;
-                pp__pump(pool);
+                pp__pump_lean(pool);
             }
             take_batch(it);
             struct ready_item ri = it->batch[it->batch_next++];
@@ -450,7 +450,7 @@ PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout
             rc = PP_ECLOSED;
             break;
         }
-        if ((rc = pp__wait(pool, next_ready, it, deadline)) < 0)
+        if ((rc = pp__wait_lean(pool, next_ready, it, deadline)) < 0)
             break;
     }
     pthread_mutex_unlock(&pool->mu);

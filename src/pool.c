@@ -328,14 +328,17 @@ static void spin_for_activity(pp_pool *pool)
     atomic_store_explicit(&pool->ctl->waiter_cpu, -1, memory_order_relaxed);
 }
 
-int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline)
+static int wait_for(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline, bool lean)
 {
     bool lib = on_library_thread(pool);
     int rc = 0;
     bool spun = false;
     pool->waiters++;
     for (;;) {
-        pp__pump(pool);
+        if (lean)
+            pp__pump_lean(pool);
+        else
+            pp__pump(pool);
         if (done(arg))
             break;
         bool callbacks_due = pool->cbhead != NULL;
@@ -354,6 +357,10 @@ int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline)
             continue;
         }
         spun = false;
+        if (lean) { /* before sleeping, a pump that deals to every worker */
+            lean = false;
+            continue;
+        }
         if (pool->poller && pool->poller_is_background) {
             /* The library thread watches for nobody in particular: we take over. */
             pp__notify(pool);
@@ -372,6 +379,16 @@ int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline)
     if (--pool->waiters == 0 && pool->thread_parked)
         pthread_cond_signal(&pool->thread_cond);
     return rc;
+}
+
+int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline)
+{
+    return wait_for(pool, done, arg, deadline, false);
+}
+
+int pp__wait_lean(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline)
+{
+    return wait_for(pool, done, arg, deadline, true);
 }
 
 /* ---- callbacks and the library thread --------------------------------------- */

@@ -170,6 +170,8 @@ struct pp_pool {
     int64_t pump_ns;           /* when the current pump began */
     int64_t caller_pump_ns;    /* when a thread other than the library thread last pumped */
     bool progress;             /* the current pump resolved something */
+    bool lean;                 /* the current pump is lean (pp__pump_lean) */
+    int lead;                  /* the worker lean pumps deal to */
     pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
     bool thread_parked; /* the library thread waits for the last waiter to leave */
@@ -191,7 +193,16 @@ struct pp_pool {
 
 /* dispatch.c: moving work between the books and the rings. */
 void pp__pump(pp_pool *pool); /* collect, supervise, deal */
-int pp__busy(pp_pool *pool);  /* how many workers have work in their inbox */
+/* A pump for a caller who hands out results and pumps again within
+ * microseconds (an iterator): it deals to one worker, the lead, a few
+ * entries at a time, and takes nothing back for idle workers. When the
+ * caller hands out results slower than one worker runs the tasks (tasks of
+ * nanoseconds), other workers kept busy would only take CPUs from the
+ * caller and the lead (more processes than cores). A caller about to sleep
+ * deals to all first (pp__wait_lean), and so does the library thread once
+ * the caller has not pumped for PP_CALLER_ACTIVE_NS. */
+void pp__pump_lean(pp_pool *pool);
+int pp__busy(pp_pool *pool); /* how many workers have work in their inbox */
 /* True when a worker posted something the pump will act on. It never says
  * yes to what the pump ignores (a scribbled word in a slot): a poller would
  * spin with the lock held instead of sleeping. */
@@ -246,6 +257,9 @@ void pp__respawn(pp_pool *pool, int id);
 
 /* pool.c: waiting. Called with mu held; returns with it held. */
 int pp__wait(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline);
+/* As pp__wait, for an iterator: its pumps are lean (pp__pump_lean) while it
+ * spins, and it deals to every worker before it sleeps. */
+int pp__wait_lean(pp_pool *pool, bool (*done)(void *), void *arg, int64_t deadline);
 void pp__wake_thread(pp_pool *pool);
 void pp__notify(pp_pool *pool);                  /* wake every waiter, the poller included */
 void pp__notify_progress(pp_pool *pool);         /* the same, after a pump resolved something */

@@ -481,3 +481,39 @@ Test(iter, failures_among_finished_items_keep_their_place, .init = setup, .fini 
     pp_iter_free(it);
     pp_pool_free(pool);
 }
+
+/* Waits until `started` reaches the pool's two workers: it returns only if
+ * both run at once. */
+static int meet(const void *arg, void *result)
+{
+    atomic_fetch_add(&flags->started, 1);
+    wait_flag(&flags->started, 2);
+    *(int *)result = *(const int *)arg;
+    return 0;
+}
+
+/* While a caller hands out results, an iterator deals to one worker only
+ * (dispatch.c, lean pumps); a caller that waits must still get every
+ * worker running before it sleeps: two items that each wait for the other
+ * to start finish, in order and unordered. */
+Test(iter, items_that_need_every_worker_at_once_all_run, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    int in[2] = {1, 2};
+    for (int ordered = 0; ordered < 2; ordered++) {
+        atomic_store(&flags->started, 0);
+        pp_iter *it = ordered ? pp_imap(pool, meet, in, 2, sizeof *in, sizeof(int), 1)
+                              : pp_imap_unordered(pool, meet, in, 2, sizeof *in, sizeof(int), 1);
+        cr_assert_not_null(it);
+        int r, sum = 0, n = 0;
+        while (pp_iter_next(it, &r, NULL, -1, NULL) == 1) {
+            sum += r;
+            n++;
+        }
+        cr_assert_eq(n, 2);
+        cr_assert_eq(sum, 3);
+        pp_iter_free(it);
+    }
+    pp_pool_free(pool);
+}
