@@ -189,11 +189,11 @@ static bool guard_broken(const struct pp_desc *d)
 /* Runs item i, whose argument and result are at `arg` and `res` (NULL for
  * a size of 0). Returns the task's return value. */
 static inline int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, pp_fn *fn,
-                           const void *arg, void *res, uint32_t seq, uint32_t i)
+                           const void *arg, void *res, uint32_t seq, uint32_t i, bool timing)
 {
     /* The start time is written before the item number, so the parent
      * never pairs a new item with an older start and kills it early. */
-    if (cfg->timing) {
+    if (timing) {
         int64_t now = pp__now_ns();
         atomic_store_explicit(&s->item_start, now, memory_order_release);
         soft_deadline = cfg->soft_timeout_ns ? now + cfg->soft_timeout_ns : 0;
@@ -248,13 +248,14 @@ static uint32_t run_claimed(const struct pp_worker_cfg *cfg, struct pp_slot *s,
                             uint32_t head)
 {
     const uint32_t count = d->count, step = (count + 15) / 16;
+    const bool timing = cfg->timing; /* once: the task could reach cfg, so it is read after each */
     const uint64_t as = d->arg_size, rs = d->result_size;
     uint64_t arg = as ? d->args : 0, res = rs ? d->results : 0;
     uint32_t i = 0, end = 0; /* items before `end` were claimed here */
     for (; i < count; i++, arg += as, res += rs) {
         if (i == end && (end = claim_items(&shared->claim, d, end, step)) == i)
             break;
-        run_item(cfg, s, fn, (const void *)(uintptr_t)arg, (void *)(uintptr_t)res, head, i);
+        run_item(cfg, s, fn, (const void *)(uintptr_t)arg, (void *)(uintptr_t)res, head, i, timing);
     }
     return i;
 }
@@ -285,7 +286,8 @@ static uint32_t run_checked(const struct pp_worker_cfg *cfg, struct pp_slot *s,
         size_t left = (size_t)(count - i - 1) * rs;
         bool last = i + 1 == count;
         uint64_t before = last ? 0 : peek_result(next, left, rs);
-        int rc = run_item(cfg, s, fn, args ? args + (size_t)i * as : NULL, next - rs, head, i);
+        int rc = run_item(cfg, s, fn, args ? args + (size_t)i * as : NULL, next - rs, head, i,
+                          cfg->timing);
         uint64_t after = last ? 0 : peek_result(next, left, rs);
         bool more = !last && claim_items(&shared->claim, d, i + 1, 1) == i + 2;
         bool bad = last ? guard_broken(d) : more && after != before;
