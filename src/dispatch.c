@@ -25,9 +25,9 @@
 
 #define DEPTH_SMALL 48 /* inbox depth for chunks that fit inline */
 #define DEPTH_LARGE 2
-#define DEPTH_LEAD                                                                                 \
-    16 /* unfinished entries a lean pump leaves with the lead worker                               \
-          (4 halved W3 on one CPU: a hand-over every 64 items) */
+/* Unfinished entries a lean pump leaves with the lead worker (4 halved W3
+ * on one CPU: the caller and the lead handed over every 64 items). */
+#define DEPTH_LEAD 16
 
 /* ---- resolution ------------------------------------------------------- */
 
@@ -480,6 +480,8 @@ static uint32_t unfinished(pp_pool *pool, int id)
  * unfinished entries; the rest waits in the queue for the next pump. */
 static void deal_lean(pp_pool *pool)
 {
+    if (pool->retry.len == 0 && pool->qhead == NULL)
+        return;
     int id = lead_worker(pool);
     struct pp_piece p;
     while (id >= 0 && unfinished(pool, id) < DEPTH_LEAD && next_piece(pool, &p, true))
@@ -495,10 +497,6 @@ static void deal(pp_pool *pool)
 {
     if (pool->retry.len == 0 && pool->qhead == NULL)
         return;
-    if (pool->lean) {
-        deal_lean(pool);
-        return;
-    }
     bool room = false;
     for (int id = 0; id < pool->nworkers && !room; id++)
         room = pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) < DEPTH_SMALL;
@@ -686,7 +684,7 @@ static bool steal_tail(pp_pool *pool, int idle)
 
 static void balance(pp_pool *pool)
 {
-    if (pool->lean || pool->retry.len != 0 || pool->qhead != NULL)
+    if (pool->retry.len != 0 || pool->qhead != NULL)
         return;
     for (int id = 0; id < pool->nworkers; id++) {
         if (pool->w[id].state != PP_WS_READY || pending(&pool->w[id]) != 0)
@@ -1225,14 +1223,8 @@ static void rouse_if_unheard(pp_pool *pool, int id, int64_t now)
     pp__ring_rouse_worker(s);
 }
 
-void pp__pump_lean(pp_pool *pool)
-{
-    pool->lean = true;
-    pp__pump(pool);
-    pool->lean = false;
-}
-
-void pp__pump(pp_pool *pool)
+/* Collects, supervises, deals: lean (pp__pump_lean) or to every worker. */
+static void pump(pp_pool *pool, bool lean)
 {
     /* The zygote's socket is read when poll() saw it readable, and now and
      * then while the pool is too busy to poll: no system call per pump. */
@@ -1263,8 +1255,12 @@ void pp__pump(pp_pool *pool)
     if (pool->opts.task_timeout > 0 || pool->cancels > 0)
         pp__check_timeouts(pool, now);
     if (!pool->terminated && !pool->broken) {
-        deal(pool);
-        balance(pool);
+        if (lean) {
+            deal_lean(pool);
+        } else {
+            deal(pool);
+            balance(pool);
+        }
     }
     if (pool->mpi != NULL && (pool->qhead != NULL || pool->retry.len != 0))
         pp__mpi_kick(pool);
@@ -1273,4 +1269,14 @@ void pp__pump(pp_pool *pool)
         pool->progress = false;
         pp__notify_progress(pool);
     }
+}
+
+void pp__pump(pp_pool *pool)
+{
+    pump(pool, false);
+}
+
+void pp__pump_lean(pp_pool *pool)
+{
+    pump(pool, true);
 }

@@ -170,7 +170,6 @@ struct pp_pool {
     int64_t pump_ns;           /* when the current pump began */
     int64_t caller_pump_ns;    /* when a thread other than the library thread last pumped */
     bool progress;             /* the current pump resolved something */
-    bool lean;                 /* the current pump is lean (pp__pump_lean) */
     int lead;                  /* the worker lean pumps deal to */
     pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
