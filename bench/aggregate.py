@@ -49,6 +49,7 @@ TITLES = {  # column titles; the legend under the table spells them out
     "serial": "serial",
     "procpool-mpi": "pp-MPI",
     "procpool-spawn": "pp-spawn",
+    "procpool-static": "pp-static",
 }
 
 
@@ -168,7 +169,9 @@ def table(sides, seconds):
     tg = targets(pp, by_name)
 
     header = ["workload", "unit"] + [s.title for s in sides]
-    header += [f"pp/{s.title[:4]}" for s in others] + ["target", "met?"]
+    short = [s.title[:4] for s in others]  # the whole title where four letters clash
+    header += [f"pp/{t if short.count(t) == 1 else s.title}" for s, t in zip(others, short)]
+    header += ["target", "met?"]
     lines = []
     for row, label, unit, _, nominal in ROWS:
         if not any(row in s.values or row in s.errors for s in sides):
@@ -202,6 +205,9 @@ def table(sides, seconds):
     if any(s.name == "procpool-mpi" for s in sides):
         out.append("pp-MPI = procpool with PP_BACKEND_MPI under mpirun -n 2: rank 0 holds the "
                    "pool, one serving rank runs the workers (workloads 1-4).")
+    if any(s.name == "procpool-static" for s in sides):
+        out.append("pp-static = the procpool program linked to libprocpool.a: its item loop beside "
+                   "the task (workload 1).")
     if any(s.name == "procpool-spawn" for s in sides):
         out.append("pp-spawn = procpool with PP_START_SPAWN: the zygote is a fresh run of the "
                    "program (workload 7).")

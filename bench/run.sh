@@ -5,11 +5,11 @@
 # run's raw figure, to <builddir>/bench-results.txt.
 # Workload by workload, each side in turn, each in a process of its own under
 # `timeout`: a hang costs one cell, not the table, and a change in background
-# load hits every side of a workload alike. The C sides (procpool, pthread,
-# serial) take turns run by run, one process per run: on a VM whose speed
-# moves from one second to the next (docs/performance.md, "Where a slow
-# process loses its time"), the two sides of a ratio then meet the same
-# moments. Knobs: see bench/README.md.
+# load hits every side of a workload alike. The C sides (procpool, procpool
+# linked statically, pthread, serial) take turns run by run, one process per
+# run: on a VM whose speed moves from one second to the next
+# (docs/performance.md, "Where a slow process loses its time"), the two sides
+# of a ratio then meet the same moments. Knobs: see bench/README.md.
 set -u
 build=${1:-build-bench}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,7 +18,7 @@ mkdir -p "$raw"
 python=${PYTHON:-python3}
 read -r -a workloads <<<"$(echo "${PP_BENCH_ONLY:-1 2 3 4 5 6 7 8}" | tr ',' ' ')"
 reps=${PP_BENCH_REPS:-5}
-turns=" procpool pthread serial " # the sides that take turns run by run
+turns=" procpool procpool-static pthread serial " # the sides that take turns run by run
 
 # Seconds one workload of one side may take: a sound side needs a fraction.
 limit_for() {
@@ -44,6 +44,8 @@ side pthread "$build/bench/bench_pthread" pthread
 side serial "$build/bench/bench_pthread" serial
 # The spawn start method, workload 7 (bench/spawn_side.sh):
 side procpool-spawn "$here/spawn_side.sh" "$build"
+# The static library, workload 1 (bench/static_side.sh):
+side procpool-static "$here/static_side.sh" "$build"
 # The MPI backend, workloads 1-4 (bench/mpi_side.sh):
 side procpool-mpi "$here/mpi_side.sh" "$build"
 
