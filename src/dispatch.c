@@ -28,6 +28,8 @@
 /* Unfinished entries a lean pump leaves with the lead worker (4 halved W3
  * on one CPU: the caller and the lead handed over every 64 items). */
 #define DEPTH_LEAD 16
+/* Submissions in a row that deal without collecting (pp__pump_submit). */
+#define QUICK_PUMPS 16
 
 /* ---- resolution ------------------------------------------------------- */
 
@@ -1273,6 +1275,64 @@ static void pump(pp_pool *pool, bool lean)
 
 void pp__pump(pp_pool *pool)
 {
+    pump(pool, false);
+}
+
+/* The ready worker with room for `p` and the fewest entries by the
+ * parent's books, the first of equals (as `deal`: a worker busy just now
+ * is likelier still spinning than one idle longer); -1 if none has room.
+ * Work spreads at once, as a full deal spreads it: preferring a worker
+ * that is awake would save a wake-up but leave long tasks queued behind
+ * each other until the next balance. */
+static int least_pending(pp_pool *pool, const struct pp_piece *p)
+{
+    uint32_t depth = depth_for(p);
+    int best = -1;
+    for (int id = 0; id < pool->nworkers; id++) {
+        const struct pp_worker *w = &pool->w[id];
+        if (w->state == PP_WS_READY && pending(w) < depth && pending(w) < PP_RING &&
+            (best < 0 || pending(w) < pending(&pool->w[best])))
+            best = id;
+    }
+    return best;
+}
+
+/* Deals by the parent's own books, reading no line a worker writes (no
+ * collect): true if nothing is left in the queue. Entries finished since
+ * the last collect still count as pending, so a worker looks busier than
+ * it is, never idler: the deal stops short, never overfills an inbox. */
+static bool deal_by_books(pp_pool *pool)
+{
+    struct pp_piece p;
+    while (next_piece(pool, &p, true)) {
+        int id = least_pending(pool, &p);
+        if (id < 0 || post(pool, id, &p) != 0) {
+            pp__retry_push_front(pool, p);
+            break;
+        }
+    }
+    wake_dealt(pool);
+    return pool->retry.len == 0 && pool->qhead == NULL;
+}
+
+/* A submission's pump (pp__submit): most deal by the books alone. Reading
+ * the workers' outboxes costs a cache miss per worker wherever they ran
+ * something since, which a loop of apply_async paid per call (bench W4);
+ * every QUICK_PUMPS-th submission, and any whose work does not fit by the
+ * books, pumps in full, and every wait does. What finishes meanwhile is
+ * collected by the next full pump: the caller's, or the library thread's
+ * once the caller has not pumped for PP_CALLER_ACTIVE_NS. */
+void pp__pump_submit(pp_pool *pool)
+{
+    if (++pool->quick_pumps < QUICK_PUMPS && pool->mpi == NULL && !pool->terminated &&
+        !pool->broken) {
+        pool->pump_ns = pp__now_ns();     /* entries posted now say so */
+        if (!pp__is_library_thread(pool)) /* the library thread keeps out of its way */
+            pool->caller_pump_ns = pool->pump_ns;
+        if (deal_by_books(pool))
+            return;
+    }
+    pool->quick_pumps = 0;
     pump(pool, false);
 }
 

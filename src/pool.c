@@ -739,7 +739,7 @@ int pp__submit(pp_pool *pool, struct pp_job *job)
         pp__job_settle(job);
     else
         pp__enqueue(pool, job);
-    pp__pump(pool);
+    pp__pump_submit(pool);
     return 0;
 }
 

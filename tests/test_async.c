@@ -162,6 +162,64 @@ Test(async, wait_and_get_time_out_then_succeed, .init = setup, .fini = teardown,
     pp_pool_free(pool);
 }
 
+/* Results seen by callbacks, for tests that make no call while they wait. */
+static _Atomic int results_seen;
+
+static void count_result(const void *result, void *userdata)
+{
+    (void)result;
+    (void)userdata;
+    atomic_fetch_add(&results_seen, 1);
+    flag_wake(&results_seen);
+}
+
+Test(async, a_burst_of_submissions_resolves_with_no_further_call, .timeout = PP_TEST_TIMEOUT(30))
+{
+    /* Most submissions deal by the parent's books and collect nothing
+     * (pp__pump_submit): what they dealt must still come back, callbacks
+     * and all, while the caller makes no other call. */
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    atomic_store(&results_seen, 0);
+    enum { N = 5 };
+    pp_async *v[N];
+    for (int i = 0; i < N; i++) {
+        v[i] = pp_apply_async(pool, square, &i, sizeof i, sizeof(int), count_result, NULL, NULL);
+        cr_assert_not_null(v[i]);
+    }
+    flag_wait_ge(&results_seen, N); /* a callback runs just before its job is ready */
+    for (int i = 0; i < N; i++) {
+        int r = -1;
+        cr_assert_eq(pp_async_get(v[i], &r, -1, NULL), 0);
+        cr_assert_eq(r, i * i);
+        pp_async_free(v[i]);
+    }
+    pp_pool_free(pool);
+}
+
+Test(async, a_submission_beside_a_held_task_runs_with_no_further_call, .init = setup,
+     .fini = teardown, .timeout = PP_TEST_TIMEOUT(30))
+{
+    /* One worker holds a task; a job submitted after it must run on the
+     * other one, though the caller makes no other call until it has. */
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    atomic_store(&results_seen, 0);
+    pp_async *a = pp_apply_async(pool, held, NULL, 0, sizeof(int), NULL, NULL, NULL);
+    wait_flag(&flags->started, 1);
+    int x = 6;
+    pp_async *b = pp_apply_async(pool, square, &x, sizeof x, sizeof(int), count_result, NULL, NULL);
+    flag_wait_ge(&results_seen, 1);
+    int r = 0;
+    cr_assert_eq(pp_async_get(b, &r, -1, NULL), 0);
+    cr_assert_eq(r, 36);
+    cr_assert(!pp_async_ready(a));
+    atomic_store(&flags->release, 1);
+    cr_assert_eq(pp_async_get(a, &r, -1, NULL), 0);
+    cr_assert_eq(r, 7);
+    pp_async_free(a);
+    pp_async_free(b);
+    pp_pool_free(pool);
+}
+
 Test(async, many_in_flight_then_get_all, .timeout = PP_TEST_TIMEOUT(60))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
