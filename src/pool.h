@@ -171,7 +171,7 @@ struct pp_pool {
     int64_t caller_pump_ns;    /* when a thread other than the library thread last pumped */
     bool progress;             /* the current pump resolved something */
     int lead;                  /* the worker lean pumps deal to */
-    int quick_pumps;           /* its pumps since the last full one */
+    int quick_pumps;           /* submissions dealt by the books since a full pump */
     pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
     bool thread_parked; /* the library thread waits for the last waiter to leave */
@@ -193,6 +193,7 @@ struct pp_pool {
 
 /* dispatch.c: moving work between the books and the rings. */
 void pp__pump(pp_pool *pool); /* collect, supervise, deal */
+/* A submission's pump: most deal by the parent's books alone (no collect). */
 void pp__pump_submit(pp_pool *pool);
 /* A pump for a caller who hands out results and pumps again within
  * microseconds (an iterator): it deals to one worker, the lead, a few

@@ -1,5 +1,6 @@
 /* A good guest in the caller's process: stdio, signals, parent death, leftovers. */
 #include "helpers.h"
+#include "proc_helpers.h"
 
 #include <criterion/criterion.h>
 #include <dirent.h>
@@ -190,26 +191,46 @@ Test(guest, tasks_run_with_the_callers_signal_mask, .timeout = PP_TEST_TIMEOUT(3
     pp_pool_free(pool);
 }
 
-static void wait_for_pids(int parent, int *pids, int *n)
+/* The pool's processes under `parent`: the zygote is its child, the
+ * workers are the zygote's. False if they are not all there within 10 s. */
+static bool wait_for_pids(int parent, int *pids, int *n)
 {
-    /* The zygote is the parent's child; the workers are the zygote's. */
+    double give_up = now_s() + 10;
     int z[4];
     *n = 0;
     while (children_of(parent, z, 4) < 1)
-        usleep(1000);
+        if (now_s() > give_up)
+            return false;
+        else
+            usleep(1000);
     pids[(*n)++] = z[0];
     int w[64];
     int got;
     while ((got = children_of(z[0], w, 64)) < 2)
-        usleep(1000);
+        if (now_s() > give_up)
+            return false;
+        else
+            usleep(1000);
     for (int i = 0; i < got; i++)
         pids[(*n)++] = w[i];
+    return true;
+}
+
+static bool flag_within(_Atomic int *flag, int value, double seconds)
+{
+    double give_up = now_s() + seconds;
+    while (atomic_load(flag) < value)
+        if (now_s() > give_up)
+            return false;
+        else
+            usleep(200);
+    return true;
 }
 
 Test(guest, workers_die_with_a_killed_parent, .init = setup, .fini = teardown,
      .timeout = PP_TEST_TIMEOUT(30))
 {
-    pid_t child = fork();
+    pid_t child = th_fork(); /* dies with the test, and the pool with it */
     if (child == 0) {
         pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
         pp_async *a = pp_apply_async(pool, hold, NULL, 0, sizeof(int), NULL, NULL, NULL);
@@ -218,10 +239,12 @@ Test(guest, workers_die_with_a_killed_parent, .init = setup, .fini = teardown,
             pause(); /* killed by the test */
     }
     int pids[70], n;
-    wait_for_pids(child, pids, &n);
-    wait_flag(&flags->started, 1); /* a worker is busy inside a task */
+    bool found = wait_for_pids(child, pids, &n);
+    bool running = found && flag_within(&flags->started, 1, 10); /* a worker is inside a task */
     kill(child, SIGKILL);
     waitpid(child, NULL, 0);
+    cr_assert(found, "the pool's zygote and workers did not appear within 10 s");
+    cr_assert(running, "the task did not start within 10 s");
     cr_assert(wait_all_dead(pids, n, 1.0), "a process of the pool outlived its parent by 1 s");
 }
 
