@@ -494,15 +494,22 @@ static void deal_lean(pp_pool *pool)
     wake_dealt(pool);
 }
 
+/* Whether some ready worker's inbox takes another small entry (by the
+ * parent's books). */
+static bool has_room(const pp_pool *pool)
+{
+    for (int id = 0; id < pool->nworkers; id++)
+        if (pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) < DEPTH_SMALL)
+            return true;
+    return false;
+}
+
 /* Deals until every ready worker holds enough or nothing is left. */
 static void deal(pp_pool *pool)
 {
     if (pool->retry.len == 0 && pool->qhead == NULL)
         return;
-    bool room = false;
-    for (int id = 0; id < pool->nworkers && !room; id++)
-        room = pool->w[id].state == PP_WS_READY && pending(&pool->w[id]) < DEPTH_SMALL;
-    if (!room)
+    if (!has_room(pool))
         return;
     struct pp_piece p;
     bool have = next_piece(pool, &p, true);
@@ -1303,6 +1310,13 @@ static int least_pending(pp_pool *pool, const struct pp_piece *p)
  * it is, never idler: the deal stops short, never overfills an inbox. */
 static bool deal_by_books(pp_pool *pool)
 {
+    if (!has_room(pool)) /* full by the books: a full pump may find room */
+        return false;
+    /* Entries posted now say so (the pump's clock); the caller is pumping,
+     * so the library thread keeps out of its way. */
+    pool->pump_ns = pp__now_ns();
+    if (!pp__is_library_thread(pool))
+        pool->caller_pump_ns = pool->pump_ns;
     struct pp_piece p;
     while (next_piece(pool, &p, true)) {
         int id = least_pending(pool, &p);
@@ -1325,13 +1339,8 @@ static bool deal_by_books(pp_pool *pool)
 void pp__pump_submit(pp_pool *pool)
 {
     if (++pool->quick_pumps < QUICK_PUMPS && pool->mpi == NULL && !pool->terminated &&
-        !pool->broken) {
-        pool->pump_ns = pp__now_ns();     /* entries posted now say so */
-        if (!pp__is_library_thread(pool)) /* the library thread keeps out of its way */
-            pool->caller_pump_ns = pool->pump_ns;
-        if (deal_by_books(pool))
-            return;
-    }
+        !pool->broken && deal_by_books(pool))
+        return;
     pool->quick_pumps = 0;
     pump(pool, false);
 }
