@@ -1286,11 +1286,12 @@ void pp__pump(pp_pool *pool)
 }
 
 /* The ready worker with room for `p` and the fewest entries by the
- * parent's books, the first of equals (as `deal`: a worker busy just now
- * is likelier still spinning than one idle longer); -1 if none has room.
- * Work spreads at once, as a full deal spreads it: preferring a worker
- * that is awake would save a wake-up but leave long tasks queued behind
- * each other until the next balance. */
+ * parent's books, the first of equals as `deal` serves them; -1 if none
+ * has room. In a loop of one call at a time that is the same worker every
+ * time, still spinning; taking turns would land each call on the worker
+ * idle longer, asleep (W5 p99 18-25 us). Work spreads at once, as a full
+ * deal spreads it: preferring a worker that is awake would save a wake-up
+ * but leave long tasks queued behind each other until the next balance. */
 static int least_pending(pp_pool *pool, const struct pp_piece *p)
 {
     uint32_t depth = depth_for(p);
