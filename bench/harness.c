@@ -580,7 +580,11 @@ int bench_main(const bench_backend *b, int argc, char **argv)
     if (!b->serial && needs_pool) {
         main_pool = b->pool_new(workers);
         if (!main_pool) {
-            failure("pool", "pool_new failed: errno %d", errno);
+            failure("pool",
+                    errno == ENOTSUP ? "pool_new failed: errno %d (ENOTSUP: "
+                                       "backend not built into this library)"
+                                     : "pool_new failed: errno %d",
+                    errno);
             return 1;
         }
     }

@@ -66,7 +66,7 @@ done
 # run_side I W RUNS [quiet]: side I runs workload W, RUNS times over, in one
 # process; quiet: without its progress lines (a turn after the first).
 run_side() {
-    local out="$raw/${names[$1]}.txt" w=$2 runs=$3 quiet=${4:-} limit rc
+    local i=$1 out="$raw/${names[$1]}.txt" w=$2 runs=$3 quiet=${4:-} limit rc
     grep -q '^E	side	' "$out" && return
     limit=$(limit_for "$w")
     eval "set -- ${cmds[$1]}"
@@ -80,7 +80,7 @@ run_side() {
     if [ $rc -ne 0 ]; then
         printf 'E\tworkload %s\texited with status %d%s\n' "$w" $rc \
             "$([ $rc -eq 124 ] && echo " (ran past ${limit}s: hung?)")" >>"$out"
-        echo "   ${names[$1]}, workload $w: exited with status $rc" >&2
+        echo "   ${names[$i]}, workload $w: exited with status $rc" >&2
     fi
 }
 takes_turns() { [[ $turns == *" ${names[$1]} "* ]]; }
