@@ -176,24 +176,33 @@ static void count_result(const void *result, void *userdata)
 Test(async, a_burst_of_submissions_resolves_with_no_further_call, .timeout = PP_TEST_TIMEOUT(30))
 {
     /* Most submissions deal by the parent's books and collect nothing
-     * (pp__pump_submit): what they dealt must still come back, callbacks
-     * and all, while the caller makes no other call. */
-    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
-    atomic_store(&results_seen, 0);
-    enum { N = 5 };
-    pp_async *v[N];
-    for (int i = 0; i < N; i++) {
-        v[i] = pp_apply_async(pool, square, &i, sizeof i, sizeof(int), count_result, NULL, NULL);
-        cr_assert_not_null(v[i]);
+     * (pp__pump_submit), up to 8 per worker in a row: what they dealt must
+     * still come back, callbacks and all, while the caller makes no other
+     * call. Two workers with a short burst, eight with one of 60 (more than
+     * the 16 of two workers, fewer than the 64 of eight). */
+    static const struct {
+        int workers, n;
+    } bursts[] = {{2, 5}, {8, 60}};
+    for (size_t b = 0; b < sizeof bursts / sizeof bursts[0]; b++) {
+        pp_pool *pool = pp_pool_new(&(pp_options){.workers = bursts[b].workers});
+        cr_assert_not_null(pool);
+        atomic_store(&results_seen, 0);
+        pp_async *v[60];
+        int n = bursts[b].n;
+        for (int i = 0; i < n; i++) {
+            v[i] =
+                pp_apply_async(pool, square, &i, sizeof i, sizeof(int), count_result, NULL, NULL);
+            cr_assert_not_null(v[i]);
+        }
+        flag_wait_ge(&results_seen, n); /* a callback runs just before its job is ready */
+        for (int i = 0; i < n; i++) {
+            int r = -1;
+            cr_assert_eq(pp_async_get(v[i], &r, -1, NULL), 0);
+            cr_assert_eq(r, i * i);
+            pp_async_free(v[i]);
+        }
+        pp_pool_free(pool);
     }
-    flag_wait_ge(&results_seen, N); /* a callback runs just before its job is ready */
-    for (int i = 0; i < N; i++) {
-        int r = -1;
-        cr_assert_eq(pp_async_get(v[i], &r, -1, NULL), 0);
-        cr_assert_eq(r, i * i);
-        pp_async_free(v[i]);
-    }
-    pp_pool_free(pool);
 }
 
 Test(async, a_submission_beside_a_held_task_runs_with_no_further_call, .init = setup,
