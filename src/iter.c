@@ -12,7 +12,7 @@
  * lies in the oldest record; unordered, finished items wait in a FIFO.
  *
  * Items come out in batches: a call that finds items ready under the lock
- * takes up to PUMP_EVERY finished ones at once, and the calls after it hand
+ * takes up to BATCH_ITEMS finished ones at once, and the calls after it hand
  * them back without the lock (one thread at a time uses an iterator, as the
  * API says, and a finished item's state and result no longer change). Their
  * books (states, counts, the unlinking of a record) are kept at the next
@@ -27,7 +27,9 @@
 #define DEFAULT_WINDOW_MIN 1024
 #define REC_ITEMS          512   /* items per record, unless one chunk is more */
 #define REC_BYTES          65536 /* and their argument and result bytes */
-#define PUMP_EVERY         16    /* items handed back between pumps while they are ready */
+#define BATCH_ITEMS        16    /* finished items taken under the lock at once */
+#define PUMP_PER_WORKER    8     /* items handed back between pumps while they are ready, */
+#define PUMP_MIN           16    /* per worker and at least */
 
 struct ready_item {
     struct pp_chunkrec *rec;
@@ -51,8 +53,8 @@ struct pp_iter {
     struct pp_chunkrec *dhead, *dtail; /* records not dealt yet */
     struct ready_item *rq;             /* unordered: finished, not handed back */
     size_t rq_head, rq_len, rq_cap;
-    struct ready_item batch[PUMP_EVERY]; /* finished items taken under the lock */
-    unsigned batch_len, batch_next;      /* handed back: those before batch_next */
+    struct ready_item batch[BATCH_ITEMS]; /* finished items taken under the lock */
+    unsigned batch_len, batch_next;       /* handed back: those before batch_next */
 };
 
 /* ---- records ---------------------------------------------------------------- */
@@ -372,7 +374,7 @@ static void take_batch(struct pp_iter *it)
     unsigned n = 0;
     if (it->ordered) {
         struct pp_chunkrec *rec = it->head;
-        for (size_t pos = it->returned; n < PUMP_EVERY && rec != NULL;) {
+        for (size_t pos = it->returned; n < BATCH_ITEMS && rec != NULL;) {
             if (pos == rec->first + rec->count) {
                 rec = rec->next;
                 continue;
@@ -384,7 +386,7 @@ static void take_batch(struct pp_iter *it)
             pos++;
         }
     } else {
-        while (n < PUMP_EVERY && it->rq_len > 0) {
+        while (n < BATCH_ITEMS && it->rq_len > 0) {
             struct ready_item ri = it->rq[it->rq_head];
             if (!batchable(ri.rec, ri.i, n))
                 break;
@@ -395,6 +397,15 @@ static void take_batch(struct pp_iter *it)
     }
     it->batch_len = n;
     it->batch_next = 0;
+}
+
+/* Items handed back between two pumps while they are ready. A pump reads a line of every worker
+ * that ran something since: with 16 workers one every 16 items had halved W3 (4.8 M against 9.0 M
+ * items/s on 16 cores). */
+static unsigned pump_interval(const pp_pool *pool)
+{
+    unsigned n = PUMP_PER_WORKER * (unsigned)pool->nworkers;
+    return n > PUMP_MIN ? n : PUMP_MIN;
 }
 
 static bool item_ready(void *arg)
@@ -432,8 +443,8 @@ PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout
         if (item_ready(it)) {
             /* Items that were ready cost no pump; but the workers meanwhile
              * drain their inboxes, so keep them fed while we hand back: a
-             * pump every PUMP_EVERY items. */
-            if (it->since_pump >= PUMP_EVERY) {
+             * pump every pump_interval() items. */
+            if (it->since_pump >= pump_interval(pool)) {
                 it->since_pump = 0;
                 pp__pump_lean(pool);
             }

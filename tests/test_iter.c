@@ -77,6 +77,42 @@ Test(iter, imap_in_input_order_with_failures_reported_in_place, .init = setup, .
     pp_pool_free(pool);
 }
 
+Test(iter, many_workers_hand_back_every_item_once, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(60))
+{
+    /* With 8 workers the iterator pumps every 64 items it hands back
+     * (8 per worker): the workers must still be fed, in order and out of
+     * it, and every item must come back once with its result. */
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 8});
+    cr_assert_not_null(pool);
+    enum { N = 5000 };
+    static int in[N];
+    for (int i = 0; i < N; i++)
+        in[i] = 100 + i; /* none of task's special values */
+    for (int ordered = 0; ordered < 2; ordered++) {
+        pp_iter *it = ordered ? pp_imap(pool, task, in, N, sizeof(int), sizeof(int), 1)
+                              : pp_imap_unordered(pool, task, in, N, sizeof(int), sizeof(int), 1);
+        cr_assert_not_null(it);
+        static bool seen[N];
+        memset(seen, 0, sizeof seen);
+        size_t index;
+        int r, rc, n = 0;
+        while ((rc = pp_iter_next(it, &r, &index, -1, NULL)) != 0) {
+            cr_assert_eq(rc, 1);
+            cr_assert_lt(index, (size_t)N);
+            if (ordered)
+                cr_assert_eq(index, (size_t)n, "in order");
+            cr_assert(!seen[index], "item %zu twice", index);
+            seen[index] = true;
+            cr_assert_eq(r, in[index] * 10);
+            n++;
+        }
+        cr_assert_eq(n, N);
+        pp_iter_free(it);
+    }
+    pp_pool_free(pool);
+}
+
 Test(iter, unordered_yields_as_results_arrive, .init = setup, .fini = teardown,
      .timeout = PP_TEST_TIMEOUT(30))
 {
