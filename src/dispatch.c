@@ -29,9 +29,11 @@
  * on one CPU: the caller and the lead handed over every 64 items). */
 #define DEPTH_LEAD 16
 /* Submissions in a row that deal without collecting (pp__pump_submit): so
- * many per worker, and at least the minimum. */
+ * many per worker, at least the minimum, and for no longer than
+ * QUICK_PUMPS_MAX_NS. */
 #define QUICK_PUMPS_PER_WORKER 8
 #define QUICK_PUMPS_MIN        16
+#define QUICK_PUMPS_MAX_NS     100000
 
 /* ---- resolution ------------------------------------------------------- */
 
@@ -1241,6 +1243,7 @@ static void pump(pp_pool *pool, bool lean)
      * then while the pool is too busy to poll: no system call per pump. */
     int64_t now = pp__now_ns();
     pool->pump_ns = now;
+    pool->collect_ns = now;
     if (!pp__is_library_thread(pool))
         pool->caller_pump_ns = now;
     if (pool->zygote_said || now - pool->zygote_checked > PP_ZYGOTE_CHECK_NS) {
@@ -1345,14 +1348,20 @@ static int quick_pump_limit(const pp_pool *pool)
 /* A submission's pump (pp__submit): most deal by the books alone. Reading
  * the workers' outboxes costs a cache miss per worker wherever they ran
  * something since, which a loop of apply_async paid per call (bench W4);
- * every quick_pump_limit()-th submission, and any whose work does not fit
- * by the books, pumps in full, and every wait does. What finishes meanwhile is
- * collected by the next full pump: the caller's, or the library thread's
- * once the caller has not pumped for PP_CALLER_ACTIVE_NS. */
+ * every quick_pump_limit()-th submission, any whose work does not fit by
+ * the books, and any QUICK_PUMPS_MAX_NS after the last collect pumps in
+ * full, and every wait does. What finishes meanwhile is collected by the
+ * next full pump: the caller's, or the library thread's once the caller
+ * has not pumped for PP_CALLER_ACTIVE_NS. The time bound is for a loop that
+ * submits every few hundred microseconds: the library thread keeps out of
+ * its way, and a count alone would leave results uncollected for
+ * milliseconds. */
 void pp__pump_submit(pp_pool *pool)
 {
+    /* deal_by_books read the clock into pump_ns if it returns true. */
     if (++pool->quick_pumps < quick_pump_limit(pool) && pool->mpi == NULL && !pool->terminated &&
-        !pool->broken && deal_by_books(pool))
+        !pool->broken && deal_by_books(pool) &&
+        pool->pump_ns - pool->collect_ns < QUICK_PUMPS_MAX_NS)
         return;
     pool->quick_pumps = 0;
     pump(pool, false);

@@ -172,6 +172,7 @@ struct pp_pool {
     bool progress;             /* the current pump resolved something */
     int lead;                  /* the worker lean pumps deal to */
     int quick_pumps;           /* submissions dealt by the books since a full pump */
+    int64_t collect_ns;        /* when a pump last read every worker's outbox */
     pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
     bool thread_parked; /* the library thread waits for the last waiter to leave */

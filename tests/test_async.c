@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define flags (*shared_flags_slot()) /* seen by spawned workers too */
@@ -203,6 +204,55 @@ Test(async, a_burst_of_submissions_resolves_with_no_further_call, .timeout = PP_
         }
         pp_pool_free(pool);
     }
+}
+
+static int mark_started(const void *arg, void *result)
+{
+    (void)arg;
+    atomic_fetch_add(&flags->started, 1);
+    *(int *)result = 1;
+    return 0;
+}
+
+Test(async, a_paced_submission_loop_collects_what_finished, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    /* A loop that submits every few hundred microseconds keeps the library
+     * thread out of its way (the caller pumps); its own submissions must
+     * collect what finished, within QUICK_PUMPS_MAX_NS (100 us) of the last
+     * collect, not only every 64th submission as 8 workers' count alone
+     * would (dispatch.c pp__pump_submit). */
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 8});
+    cr_assert_not_null(pool);
+    atomic_store(&results_seen, 0);
+    pp_async *a =
+        pp_apply_async(pool, mark_started, NULL, 0, sizeof(int), count_result, NULL, NULL);
+    cr_assert_not_null(a);
+    wait_flag(&flags->started, 1); /* it ran (workers may take a while to start) */
+    enum { MAX = 16 };
+    pp_async *more[MAX];
+    int n = 0;
+    /* Gaps of 300 us: the caller counts as pumping (under 1 ms), so only
+     * its own submissions can collect; the callback then runs on the
+     * library thread, seen at the next turn. */
+    while (n < MAX) {
+        nanosleep(&(struct timespec){.tv_nsec = 300000}, NULL);
+        if (atomic_load(&results_seen) != 0)
+            break;
+        int x = n;
+        more[n] = pp_apply_async(pool, square, &x, sizeof x, sizeof(int), NULL, NULL, NULL);
+        cr_assert_not_null(more[n]);
+        n++;
+    }
+    cr_assert_eq(atomic_load(&results_seen), 1, "collected within %d paced submissions", MAX);
+    for (int i = 0; i < n; i++) {
+        int r = -1;
+        cr_assert_eq(pp_async_get(more[i], &r, -1, NULL), 0);
+        cr_assert_eq(r, i * i);
+        pp_async_free(more[i]);
+    }
+    pp_async_free(a);
+    pp_pool_free(pool);
 }
 
 Test(async, a_submission_beside_a_held_task_runs_with_no_further_call, .init = setup,
