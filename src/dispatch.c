@@ -28,9 +28,8 @@
 /* Unfinished entries a lean pump leaves with the lead worker (4 halved W3
  * on one CPU: the caller and the lead handed over every 64 items). */
 #define DEPTH_LEAD 16
-/* Submissions in a row that deal without collecting (pp__pump_submit): so
- * many per worker, at least the minimum, and for no longer than
- * QUICK_PUMPS_MAX_NS. */
+/* Submissions in a row that deal without collecting (pp__pump_submit): 8
+ * per worker, at least 16, within 100 us of the last collect. */
 #define QUICK_PUMPS_PER_WORKER 8
 #define QUICK_PUMPS_MIN        16
 #define QUICK_PUMPS_MAX_NS     100000
