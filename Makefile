@@ -50,7 +50,7 @@ check-tsan:
 
 soak: all
 	$(CC) -O2 -std=gnu11 -Wall -Wextra -Werror -Iinclude -o $(BUILD)/soak soak/soak.c \
-	  $(BUILD)/libprocpool.a -lpthread -ldl
+	  -L$(BUILD) -lprocpool -Wl,-rpath,$(abspath $(BUILD)) -lpthread
 	./$(BUILD)/soak $(SOAK_ARGS)
 
 fuzz:
