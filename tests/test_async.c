@@ -174,6 +174,17 @@ static void count_result(const void *result, void *userdata)
     flag_wake(&results_seen);
 }
 
+/* Gets and frees n handles of square(i), i = 0..n-1, checking each result. */
+static void get_squares(pp_async **v, int n)
+{
+    for (int i = 0; i < n; i++) {
+        int r = -1;
+        cr_assert_eq(pp_async_get(v[i], &r, -1, NULL), 0);
+        cr_assert_eq(r, i * i);
+        pp_async_free(v[i]);
+    }
+}
+
 Test(async, a_burst_of_submissions_resolves_with_no_further_call, .timeout = PP_TEST_TIMEOUT(30))
 {
     /* Most submissions deal by the parent's books and collect nothing
@@ -196,12 +207,7 @@ Test(async, a_burst_of_submissions_resolves_with_no_further_call, .timeout = PP_
             cr_assert_not_null(v[i]);
         }
         flag_wait_ge(&results_seen, n); /* a callback runs just before its job is ready */
-        for (int i = 0; i < n; i++) {
-            int r = -1;
-            cr_assert_eq(pp_async_get(v[i], &r, -1, NULL), 0);
-            cr_assert_eq(r, i * i);
-            pp_async_free(v[i]);
-        }
+        get_squares(v, n);
         pp_pool_free(pool);
     }
 }
@@ -245,12 +251,7 @@ Test(async, a_paced_submission_loop_collects_what_finished, .init = setup, .fini
         n++;
     }
     cr_assert_eq(atomic_load(&results_seen), 1, "collected within %d paced submissions", MAX);
-    for (int i = 0; i < n; i++) {
-        int r = -1;
-        cr_assert_eq(pp_async_get(more[i], &r, -1, NULL), 0);
-        cr_assert_eq(r, i * i);
-        pp_async_free(more[i]);
-    }
+    get_squares(more, n);
     pp_async_free(a);
     pp_pool_free(pool);
 }
