@@ -28,8 +28,6 @@
 #define REC_ITEMS          512   /* items per record, unless one chunk is more */
 #define REC_BYTES          65536 /* and their argument and result bytes */
 #define BATCH_ITEMS        16    /* finished items taken under the lock at once */
-#define PUMP_PER_WORKER    8     /* ready items handed back between pumps, per worker */
-#define PUMP_MIN           16    /* and at least */
 
 struct ready_item {
     struct pp_chunkrec *rec;
@@ -399,15 +397,6 @@ static void take_batch(struct pp_iter *it)
     it->batch_next = 0;
 }
 
-/* Items handed back between two pumps while they are ready. A pump reads a
- * line of every worker that ran something since: with 16 workers, one every
- * 16 items had halved W3 (4.8 M against 9.0 M items/s on 16 cores). */
-static unsigned pump_interval(const pp_pool *pool)
-{
-    unsigned n = PUMP_PER_WORKER * (unsigned)pool->nworkers;
-    return n > PUMP_MIN ? n : PUMP_MIN;
-}
-
 static bool item_ready(void *arg)
 {
     struct pp_iter *it = arg;
@@ -443,8 +432,8 @@ PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout
         if (item_ready(it)) {
             /* Items that were ready cost no pump; but the workers meanwhile
              * drain their inboxes, so keep them fed while we hand back: a
-             * pump every pump_interval() items. */
-            if (it->since_pump >= pump_interval(pool)) {
+             * pump every pp__collect_interval() items. */
+            if (it->since_pump >= pp__collect_interval(pool)) {
                 it->since_pump = 0;
                 pp__pump_lean(pool);
             }

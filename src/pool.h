@@ -171,7 +171,7 @@ struct pp_pool {
     int64_t caller_pump_ns;    /* when a thread other than the library thread last pumped */
     bool progress;             /* the current pump resolved something */
     int lead;                  /* the worker lean pumps deal to */
-    int quick_pumps;           /* submissions dealt by the books since a full pump */
+    unsigned quick_pumps;      /* submissions dealt by the books since a full pump */
     int64_t collect_ns;        /* when a pump last read every worker's outbox */
     pthread_t thread;          /* the library thread: callbacks, background pumping */
     bool thread_started, thread_stop;
@@ -196,6 +196,10 @@ struct pp_pool {
 void pp__pump(pp_pool *pool); /* collect, supervise, deal */
 /* A submission's pump: most deal by the parent's books alone (no collect). */
 void pp__pump_submit(pp_pool *pool);
+/* How many events (submissions, items handed back) a caller lets pass
+ * between two pumps that read every worker's lines: 8 per worker, at
+ * least 16. */
+unsigned pp__collect_interval(const pp_pool *pool);
 /* A pump for a caller who hands out results and pumps again within
  * microseconds (an iterator): it deals to one worker, the lead, a few
  * entries at a time, and takes nothing back for idle workers. When the
