@@ -28,11 +28,8 @@
 /* Unfinished entries a lean pump leaves with the lead worker (4 halved W3
  * on one CPU: the caller and the lead handed over every 64 items). */
 #define DEPTH_LEAD 16
-/* Events between two collects (pp__collect_interval), per worker and at
- * least; submissions that deal without collecting stay within
- * QUICK_PUMPS_MAX_NS of the last collect (pp__pump_submit). */
-#define COLLECT_PER_WORKER 8
-#define COLLECT_MIN        16
+/* Submissions that deal without collecting stay within this of the last
+ * collect (pp__pump_submit). */
 #define QUICK_PUMPS_MAX_NS 100000
 
 /* ---- resolution ------------------------------------------------------- */
@@ -1333,17 +1330,6 @@ static bool deal_by_books(pp_pool *pool)
     }
     wake_dealt(pool);
     return pool->retry.len == 0 && pool->qhead == NULL;
-}
-
-/* A pump reads a line of every worker that ran something since, so the
- * interval grows with the workers. With 16, a full pump every 16
- * submissions had cost W4 a third of its rate (1.22 M against 1.81 M
- * tasks/s on 16 cores), and an iterator's pump every 16 items handed back
- * half of W3's (4.8 M against 9.0 M items/s). */
-unsigned pp__collect_interval(const pp_pool *pool)
-{
-    unsigned n = COLLECT_PER_WORKER * (unsigned)pool->nworkers;
-    return n > COLLECT_MIN ? n : COLLECT_MIN;
 }
 
 /* A submission's pump (pp__submit): most deal by the books alone. Reading
