@@ -259,6 +259,31 @@ PP_API pp_iter *pp_imap_source(pp_pool *pool, pp_fn *fn, pp_source *source, void
                                size_t arg_size, size_t result_size, size_t chunksize, size_t window,
                                bool ordered);
 
+/* A batch task: runs `count` (>= 1) consecutive items of a map in one call.
+ * Their arguments are at `args` (count * arg_size bytes), their results go
+ * to `results` (count * result_size zeroed bytes); each is NULL when its
+ * size is 0. 0 = every item of the call succeeded; any other value fails
+ * every item of the call (PP_ETASK, status = that value, the message from
+ * pp_fail). */
+typedef int pp_batch_fn(const void *args, void *results, size_t count);
+/* pp_map and pp_map_async with a batch task, for items of a few nanoseconds:
+ * the loop over them is the task's own (no call per item, and the compiler
+ * may vectorize it). Each call gets a run of consecutive items of one chunk,
+ * at most chunksize of them; fewer where part of a chunk is left to an idle
+ * worker. task_timeout and the soft limit count per call. A worker that
+ * dies inside a call, or is killed for its time limit: the items of that
+ * call and the rest of its chunk run again one per call, so that a crash
+ * or a timeout fails the one item that causes it on its own, and no other.
+ * A write past the results is caught for the chunk, not for the call: the
+ * items of the chunk not copied back yet fail -EOVERFLOW. Same arguments,
+ * return values and errors as pp_map and pp_map_async. */
+PP_API int pp_map_batch(pp_pool *pool, pp_batch_fn *fn, const void *args, size_t n, size_t arg_size,
+                        void *results, size_t result_size, size_t chunksize, pp_error *err);
+PP_API pp_async *pp_map_batch_async(pp_pool *pool, pp_batch_fn *fn, const void *args, size_t n,
+                                    size_t arg_size, size_t result_size, size_t chunksize,
+                                    pp_callback *callback, pp_error_callback *error_callback,
+                                    void *userdata);
+
 typedef struct pp_stats {
     uint64_t submitted, completed, failed, crashed, timed_out, cancelled, respawned;
     uint64_t queued, running;

@@ -18,9 +18,10 @@ struct pp_async {
     struct pp_job *job;
 };
 
-static pp_async *submit_async(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t arg_size,
-                              size_t result_size, size_t chunksize, pp_callback *callback,
-                              pp_error_callback *error_callback, void *userdata)
+static pp_async *submit_async(pp_pool *pool, pp_fn *fn, bool batch, const void *args, size_t n,
+                              size_t arg_size, size_t result_size, size_t chunksize,
+                              pp_callback *callback, pp_error_callback *error_callback,
+                              void *userdata)
 {
     if (pool == NULL || fn == NULL || (args == NULL && arg_size != 0 && n != 0) ||
         (arg_size && n > SIZE_MAX / arg_size) || (result_size && n > SIZE_MAX / result_size)) {
@@ -41,6 +42,7 @@ static pp_async *submit_async(pp_pool *pool, pp_fn *fn, const void *args, size_t
         return NULL;
     }
     pp_async *a = (pp_async *)job->extra;
+    job->batch = batch;
     if (abytes)
         memcpy(job->extra + hbytes, args, abytes);
     job->args = job->extra + hbytes;
@@ -64,7 +66,7 @@ PP_API pp_async *pp_apply_async(pp_pool *pool, pp_fn *fn, const void *arg, size_
                                 size_t result_size, pp_callback *callback,
                                 pp_error_callback *error_callback, void *userdata)
 {
-    return submit_async(pool, fn, arg, 1, arg_size, result_size, 1, callback, error_callback,
+    return submit_async(pool, fn, false, arg, 1, arg_size, result_size, 1, callback, error_callback,
                         userdata);
 }
 
@@ -74,8 +76,19 @@ PP_API pp_async *pp_map_async(pp_pool *pool, pp_fn *fn, const void *args, size_t
 {
     if (pool != NULL && chunksize == 0)
         chunksize = pp__default_chunksize(pool, n);
-    return submit_async(pool, fn, args, n, arg_size, result_size, chunksize, callback,
+    return submit_async(pool, fn, false, args, n, arg_size, result_size, chunksize, callback,
                         error_callback, userdata);
+}
+
+PP_API pp_async *pp_map_batch_async(pp_pool *pool, pp_batch_fn *fn, const void *args, size_t n,
+                                    size_t arg_size, size_t result_size, size_t chunksize,
+                                    pp_callback *callback, pp_error_callback *error_callback,
+                                    void *userdata)
+{
+    if (pool != NULL && chunksize == 0)
+        chunksize = pp__default_chunksize(pool, n);
+    return submit_async(pool, pp__batch_as_fn(fn), true, args, n, arg_size, result_size, chunksize,
+                        callback, error_callback, userdata);
 }
 
 static bool ready(void *arg)

@@ -376,6 +376,7 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
 
     struct pp_dealt *d = &w->dealt[i];
     *d = (struct pp_dealt){.piece = *p, .posted_ns = pool->pump_ns};
+    d->run = p->one_by_one ? 1 : (p->count + 15) / 16; /* as run_batch claims */
     unsigned char *buf = s->inl[i];
     if (need > sizeof s->inl[i]) {
         if (pp__payload_alloc(&pool->payload, need, &d->extent) < 0)
@@ -406,7 +407,8 @@ static int post(pp_pool *pool, int id, const struct pp_piece *p)
     desc->arg_size = job->arg_size;
     desc->result_size = job->result_size;
     atomic_store_explicit(&desc->claim, 0, memory_order_relaxed);
-    desc->guarded = !res_direct;
+    desc->flags = (res_direct ? 0 : PP_DESC_GUARDED) | (job->batch ? PP_DESC_BATCH : 0) |
+                  (p->one_by_one ? PP_DESC_ONE_BY_ONE : 0);
     atomic_store_explicit(&desc->state, PP_DESC_POSTED, memory_order_relaxed);
     atomic_store_explicit(&s->in_tail, pos + 1, memory_order_release);
     w->tail = pos + 1;

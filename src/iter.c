@@ -459,7 +459,7 @@ PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout
 
 /* ---- construction ---------------------------------------------------------------- */
 
-static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, pp_source *source, void *state,
+static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, bool batch, pp_source *source, void *state,
                          const void *array, size_t n, size_t arg_size, size_t result_size,
                          size_t chunksize, size_t window, bool ordered)
 {
@@ -475,6 +475,7 @@ static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, pp_source *source, void *stat
     job->refs = 1; /* only the handle: an iterator's job is never "ready" */
     job->iter = it;
     job->streaming = true;
+    job->batch = batch;
     *it = (pp_iter){.pool = pool,
                     .job = job,
                     .ordered = ordered,
@@ -514,7 +515,8 @@ PP_API pp_iter *pp_imap(pp_pool *pool, pp_fn *fn, const void *args, size_t n, si
         errno = EINVAL;
         return NULL;
     }
-    return iter_new(pool, fn, NULL, NULL, args, n, arg_size, result_size, chunksize, 0, true);
+    return iter_new(pool, fn, false, NULL, NULL, args, n, arg_size, result_size, chunksize, 0,
+                    true);
 }
 
 PP_API pp_iter *pp_imap_unordered(pp_pool *pool, pp_fn *fn, const void *args, size_t n,
@@ -524,7 +526,8 @@ PP_API pp_iter *pp_imap_unordered(pp_pool *pool, pp_fn *fn, const void *args, si
         errno = EINVAL;
         return NULL;
     }
-    return iter_new(pool, fn, NULL, NULL, args, n, arg_size, result_size, chunksize, 0, false);
+    return iter_new(pool, fn, false, NULL, NULL, args, n, arg_size, result_size, chunksize, 0,
+                    false);
 }
 
 PP_API pp_iter *pp_imap_source(pp_pool *pool, pp_fn *fn, pp_source *source, void *state,
@@ -535,8 +538,14 @@ PP_API pp_iter *pp_imap_source(pp_pool *pool, pp_fn *fn, pp_source *source, void
         errno = EINVAL;
         return NULL;
     }
-    return iter_new(pool, fn, source, state, NULL, 0, arg_size, result_size, chunksize, window,
-                    ordered);
+    return iter_new(pool, fn, false, source, state, NULL, 0, arg_size, result_size, chunksize,
+                    window, ordered);
+}
+
+pp_iter *pp__imap_piece(pp_pool *pool, pp_fn *fn, bool batch, const void *args, size_t n,
+                        size_t arg_size, size_t result_size)
+{
+    return iter_new(pool, fn, batch, NULL, NULL, args, n, arg_size, result_size, n, 0, true);
 }
 
 PP_API void pp_iter_free(pp_iter *it)

@@ -28,6 +28,10 @@ enum pp_item_state { PP_ITEM_PENDING = 0, PP_ITEM_OK, PP_ITEM_FAILED, PP_ITEM_RE
 
 /* Takes the iterator's next `chunks` undealt chunks (of one record) as a
  * piece. mu held. */
+/* pp_imap of n items as one chunk, with a batch task if `batch` (mpi.c:
+ * a serving rank's piece). */
+pp_iter *pp__imap_piece(pp_pool *pool, pp_fn *fn, bool batch, const void *args, size_t n,
+                        size_t arg_size, size_t result_size);
 bool pp__iter_take(struct pp_iter *it, struct pp_piece *p, size_t chunks);
 /* Items [start, start + count) of rec finished; those not failed are OK. */
 void pp__iter_ok(struct pp_chunkrec *rec, size_t start, size_t count);

@@ -66,6 +66,8 @@ struct stop_msg {
 struct task_hdr {
     uint64_t id, offset, arg_size, result_size;
     uint32_t count, objlen;
+    uint32_t batch; /* the function is a pp_batch_fn */
+    uint32_t unused;
 };
 
 /* Then nfail struct pp_item_fail, then count * result_size result bytes.
@@ -311,7 +313,8 @@ static int send_piece(pp_pool *pool, int rank, const struct pp_piece *p)
                          .arg_size = job->arg_size,
                          .result_size = job->result_size,
                          .count = p->count,
-                         .objlen = (uint32_t)objlen};
+                         .objlen = (uint32_t)objlen,
+                         .batch = job->batch};
     memcpy(buf, &h, sizeof h);
     memcpy(buf + sizeof h, ref->object, objlen);
     if (abytes != 0)
@@ -608,8 +611,9 @@ static struct chunk *start_chunk(pp_pool *local, unsigned char *buf, size_t len,
                        "the task function was not found in this rank's program");
         return c;
     }
-    c->it =
-        local ? pp_imap(local, fn, buf + head, h.count, h.arg_size, h.result_size, h.count) : NULL;
+    c->it = local ? pp__imap_piece(local, fn, h.batch != 0, buf + head, h.count, h.arg_size,
+                                   h.result_size)
+                  : NULL;
     if (c->it == NULL) {
         int code = local == NULL ? -ECHILD : errno == ESHUTDOWN ? PP_ECLOSED : -errno;
         if (local != NULL && errno == ECHILD) { /* it broke: run them elsewhere */

@@ -693,8 +693,9 @@ static int run_blocking(pp_pool *pool, struct pp_job *job, pp_error *err)
     return rc;
 }
 
-PP_API int pp_map(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t arg_size,
-                  void *results, size_t result_size, size_t chunksize, pp_error *err)
+static int map_blocking(pp_pool *pool, pp_fn *fn, bool batch, const void *args, size_t n,
+                        size_t arg_size, void *results, size_t result_size, size_t chunksize,
+                        pp_error *err)
 {
     if (pool == NULL || fn == NULL || (args == NULL && arg_size != 0 && n != 0) ||
         (results == NULL && result_size != 0 && n != 0))
@@ -705,9 +706,23 @@ PP_API int pp_map(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t a
                                      chunksize ? chunksize : pp__default_chunksize(pool, n), 0);
     if (job == NULL)
         return -ENOMEM;
+    job->batch = batch;
     job->args = args;
     job->results = results;
     return run_blocking(pool, job, err);
+}
+
+PP_API int pp_map(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t arg_size,
+                  void *results, size_t result_size, size_t chunksize, pp_error *err)
+{
+    return map_blocking(pool, fn, false, args, n, arg_size, results, result_size, chunksize, err);
+}
+
+PP_API int pp_map_batch(pp_pool *pool, pp_batch_fn *fn, const void *args, size_t n, size_t arg_size,
+                        void *results, size_t result_size, size_t chunksize, pp_error *err)
+{
+    return map_blocking(pool, pp__batch_as_fn(fn), true, args, n, arg_size, results, result_size,
+                        chunksize, err);
 }
 
 PP_API int pp_apply(pp_pool *pool, pp_fn *fn, const void *arg, size_t arg_size, void *result,

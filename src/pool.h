@@ -51,6 +51,7 @@ struct pp_job {
     bool in_callbacks;       /* its callbacks are running now */
     bool streaming;          /* an iterator job: never complete, no pool hold */
     bool queued;             /* in the pool's queue (qnext) */
+    bool batch;              /* fn is a pp_batch_fn (pp_map_batch) */
     pp_callback *callback;
     pp_error_callback *error_callback;
     void *userdata;
@@ -67,7 +68,8 @@ struct pp_piece {
     struct pp_chunkrec *rec;
     size_t start;
     uint32_t count;
-    uint32_t deaths; /* workers that died holding it without naming an item */
+    uint16_t deaths; /* workers that died holding it without naming an item */
+    bool one_by_one; /* a batch job's items after a death inside a call: one per call */
 };
 
 /* The parent's copy of one inbox entry: what it dealt, never what the worker
@@ -82,6 +84,7 @@ struct pp_dealt {
     uint32_t last_fail;      /* item of the last FAIL */
     uint32_t copied;         /* items before this one were copied out or skipped */
     uint32_t nok;            /* items before `copied` resolved early (harvest) */
+    uint32_t run;            /* items per call of a batch task (worker.c run_batch) */
     int64_t posted_ns;       /* when it was dealt (the pump's clock) */
     bool results_in_place;   /* the worker wrote results straight to the caller */
     unsigned char *canary;   /* after the results in our payload, or NULL */
@@ -282,6 +285,12 @@ void pp__notify(pp_pool *pool);                  /* wake every waiter, the polle
 void pp__notify_progress(pp_pool *pool);         /* the same, after a pump resolved something */
 bool pp__is_library_thread(const pp_pool *pool); /* the calling thread is pool's own */
 void pp__run_callbacks(pp_pool *pool);
+/* A batch task travels where a pp_fn does (job->fn, descriptors): jobs with
+ * `batch` set call it back as the pp_batch_fn it is (worker.c run_batch). */
+static inline pp_fn *pp__batch_as_fn(pp_batch_fn *fn)
+{
+    return (pp_fn *)(void (*)(void))fn;
+}
 struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
                            size_t chunksize, size_t extra); /* extra: trailing bytes */
 void pp__job_unref(struct pp_job *job);

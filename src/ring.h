@@ -41,6 +41,12 @@ enum pp_desc_state {
     PP_DESC_WITHDRAWN = 3, /* the parent took it back; the worker skips it */
 };
 
+enum pp_desc_flags {
+    PP_DESC_GUARDED = 1,    /* the parent's guard follows the results (see worker.c) */
+    PP_DESC_BATCH = 2,      /* fn is a pp_batch_fn: one call per run of items claimed */
+    PP_DESC_ONE_BY_ONE = 4, /* ... one call per item (see supervise.c rerun_one_by_one) */
+};
+
 /* One chunk of consecutive items, as the worker sees it. The worker claims
  * its items a few at a time from `claim` (items from i on are its to run
  * only if the fetch-and-add returns i; see worker.c run_claimed), so that
@@ -50,7 +56,7 @@ struct pp_desc {
     _Atomic uint32_t state;
     uint32_t count;         /* items in the chunk */
     _Atomic uint32_t claim; /* the next item to claim */
-    uint32_t guarded;       /* the parent's guard follows the results (see worker.c) */
+    uint32_t flags;         /* PP_DESC_GUARDED | PP_DESC_BATCH | PP_DESC_ONE_BY_ONE */
     uint64_t fn;            /* fork: the pp_fn address (same in every forked process);
                                spawn: PP_FN_CODE(object index, offset), see spawn_method.h */
     uint64_t args;          /* address of the first argument */

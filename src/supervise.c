@@ -87,6 +87,19 @@ static void describe(char *buf, size_t len, int code, int status, pid_t pid, dou
         snprintf(buf, len, "worker %d died: exit status %d", (int)pid, WEXITSTATUS(status));
 }
 
+/* Items [from, from + count) of `p` go back to the front of the retry ring. */
+static void requeue_part(pp_pool *pool, const struct pp_piece *p, uint32_t from, uint32_t count,
+                         bool one_by_one)
+{
+    struct pp_piece part = *p;
+    part.start += from;
+    part.count = count;
+    part.deaths = 0;
+    part.one_by_one = one_by_one;
+    pp__piece_hold(&part);
+    pp__retry_push_front(pool, part);
+}
+
 /* The running chunk: keep what finished, charge the running item, requeue
  * the rest. Returns true if an item was charged. */
 static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int code, int st,
@@ -104,16 +117,36 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
         if (!already_failed)
             pp__resolve_fail(job, p->rec, p->start + k, code, st, why);
     }
-    if (k + 1 < p->count) {
-        struct pp_piece rest = *p;
-        rest.start += k + 1;
-        rest.count -= k + 1;
-        rest.deaths = 0;
-        pp__piece_hold(&rest);
-        pp__retry_push_front(pool, rest);
-    }
+    if (k + 1 < p->count)
+        requeue_part(pool, p, k + 1, p->count - k - 1, p->one_by_one);
     pp__job_settle(job);
     return !already_failed;
+}
+
+/* A batch task's worker died inside the call that began at item k, which
+ * held items [k, k + d->run) (fewer where the tail was taken back). The items before k finished;
+ * the call's items run again one per call, so that a death among them names its item, and the rest
+ * of the entry runs again as before. Nothing is charged: which item of the call caused the death is
+ * not known. A call of one item is settled as any task's. Returns true if an item was charged. */
+static bool settle_batch(pp_pool *pool, struct pp_dealt *d, uint32_t k, int code, int st,
+                         const char *why)
+{
+    struct pp_piece *p = &d->piece;
+    struct pp_job *job = p->job;
+    uint32_t end = p->count - k > d->run ? k + d->run : p->count;
+    if (end - k <= 1)
+        return settle_running(pool, d, k, code, st, why);
+    pp__copy_out(d, d->copied, k, d->res_addr);
+    if (!job->complete) {
+        pp__resolve_ok(job, k - d->nfail - d->nok);
+        if (p->rec != NULL)
+            pp__iter_ok(p->rec, p->start, k);
+    }
+    if (end < p->count) /* pushed first: the ring keeps input order */
+        requeue_part(pool, p, end, p->count - end, false);
+    requeue_part(pool, p, k, end - k, true);
+    pp__job_settle(job);
+    return false;
 }
 
 /* Settles every entry of a worker the zygote has reaped. */
@@ -146,7 +179,8 @@ static bool settle_slot(pp_pool *pool, int id, int code, int st, const char *why
         d->done = true;
         if (pos == oldest && state == PP_DESC_CLAIMED && busy && cur == pos &&
             item < d->piece.count && item >= d->copied) {
-            charged |= settle_running(pool, d, item, code, st, why);
+            charged |=
+                (d->piece.job->batch ? settle_batch : settle_running)(pool, d, item, code, st, why);
         } else if (pos == oldest && started && d->copied < d->piece.count &&
                    ++d->piece.deaths >= PP_PIECE_DEATH_LIMIT) {
             /* It had started, but the slot does not say where it was (a

@@ -145,7 +145,8 @@ static uint64_t result_mask; /* over 8 bytes at a result: its first bytes (at mo
 static void keep_guard(const struct pp_desc *d)
 {
     size_t rbytes = (size_t)d->count * d->result_size;
-    guard_len = d->guarded ? ((rbytes + 15) & ~(size_t)15) - rbytes + PP_GUARD : 0;
+    guard_len =
+        (d->flags & PP_DESC_GUARDED) ? ((rbytes + 15) & ~(size_t)15) - rbytes + PP_GUARD : 0;
     result_mask = 0;
     memset(&result_mask, 0xff, d->result_size < 8 ? d->result_size : 8);
     memcpy(guard_copy, (const unsigned char *)(uintptr_t)d->results + rbytes, guard_len);
@@ -186,10 +187,10 @@ static bool guard_broken(const struct pp_desc *d)
     return true;
 }
 
-/* Runs item i, whose argument and result are at `arg` and `res` (NULL for
- * a size of 0). Returns the task's return value. */
-static inline int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, pp_fn *fn,
-                           const void *arg, void *res, uint32_t seq, uint32_t i, bool timing)
+/* Says in the slot that item i starts now: a death from here on is
+ * charged to it, and the items before it of the entry have finished. */
+static inline void begin_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t i,
+                              bool timing)
 {
     /* The start time is written before the item number, so the parent
      * never pairs a new item with an older start and kills it early. */
@@ -200,13 +201,27 @@ static inline int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, p
     }
     atomic_store_explicit(&s->cur_item, i, memory_order_release);
     fail_set = 0;
+}
+
+/* What a failed call says: its pp_fail message, or its return value. */
+static void failure_text(char *text, int rc)
+{
+    if (fail_set)
+        snprintf(text, PP_MSG_TEXT, "%s", fail_text);
+    else
+        snprintf(text, PP_MSG_TEXT, "task returned %d", rc);
+}
+
+/* Runs item i, whose argument and result are at `arg` and `res` (NULL for
+ * a size of 0). Returns the task's return value. */
+static inline int run_item(const struct pp_worker_cfg *cfg, struct pp_slot *s, pp_fn *fn,
+                           const void *arg, void *res, uint32_t seq, uint32_t i, bool timing)
+{
+    begin_item(cfg, s, i, timing);
     int rc = fn(arg, res);
     if (rc != 0) {
         char text[PP_MSG_TEXT];
-        if (fail_set)
-            snprintf(text, sizeof text, "%s", fail_text);
-        else
-            snprintf(text, sizeof text, "task returned %d", rc);
+        failure_text(text, rc);
         post(cfg, s, PP_MSG_FAIL, seq, i, rc, text);
     }
     return rc;
@@ -301,6 +316,36 @@ static uint32_t run_checked(const struct pp_worker_cfg *cfg, struct pp_slot *s,
     }
 }
 
+/* Runs a batch task's entry (pp_map_batch): one call for each run of items
+ * claimed together, a sixteenth of the entry as in run_claimed, or one per
+ * item when the parent dealt it so after a death inside a call. The slot
+ * names the first item of the call: if the worker dies in it, the items
+ * before it are known finished. A call that fails fails every item of its
+ * run, one FAIL message each, in order. Returns how many items ran here. */
+static uint32_t run_batch(const struct pp_worker_cfg *cfg, struct pp_slot *s,
+                          struct pp_desc *shared, const struct pp_desc *d, pp_batch_fn *fn,
+                          uint32_t head)
+{
+    const uint32_t count = d->count;
+    const uint32_t step = (d->flags & PP_DESC_ONE_BY_ONE) ? 1 : (count + 15) / 16;
+    const size_t as = d->arg_size, rs = d->result_size;
+    const unsigned char *args = as ? (const unsigned char *)(uintptr_t)d->args : NULL;
+    unsigned char *res = rs ? (unsigned char *)(uintptr_t)d->results : NULL;
+    uint32_t i = 0, end;
+    for (; i < count && (end = claim_items(&shared->claim, d, i, step)) != i; i = end) {
+        begin_item(cfg, s, i, cfg->timing);
+        int rc =
+            fn(args ? args + (size_t)i * as : NULL, res ? res + (size_t)i * rs : NULL, end - i);
+        if (rc == 0)
+            continue;
+        char text[PP_MSG_TEXT];
+        failure_text(text, rc);
+        for (uint32_t k = i; k < end; k++)
+            post(cfg, s, PP_MSG_FAIL, head, k, rc, text);
+    }
+    return i;
+}
+
 /* Runs the entry at `head` if we win it; false if the parent withdrew it. */
 static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t head)
 {
@@ -331,6 +376,8 @@ static bool run_entry(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32
          * and the worker goes on. */
         post(cfg, s, PP_MSG_NOTFOUND, head, 0, 0,
              "the task's function cannot be found in the spawned worker");
+    } else if (d->flags & PP_DESC_BATCH) {
+        ran = run_batch(cfg, s, shared, d, (pp_batch_fn *)(uintptr_t)fn, head);
     } else {
         bool check = d->result_size != 0 && d->count <= 16;
         ran = (check ? run_checked : run_claimed)(cfg, s, shared, d, fn, head);

@@ -107,6 +107,21 @@ static int slow_on_rank1(const void *arg, void *result)
     return square(arg, result);
 }
 
+/* A batch task (pp_map_batch): item 777 kills its worker, item 1500 fails
+ * its whole run. */
+static int square_run(const void *args, void *results, size_t count)
+{
+    const long *in = args;
+    for (size_t k = 0; k < count; k++) {
+        if (in[k] == 777 && env_rank() != 0)
+            raise(SIGKILL);
+        if (in[k] == 1500)
+            return pp_fail(9, "bad run on rank %d", env_rank());
+        square(in + k, (struct out *)results + k);
+    }
+    return 0;
+}
+
 static long *inputs(size_t n)
 {
     long *v = malloc(n * sizeof *v);
@@ -154,6 +169,27 @@ static void t_map(pp_pool *pool)
     CHECK(pp_pool_stats(pool, &st) == 0);
     CHECK(st.workers == (env_size() - 1) * WORKERS);
     CHECK(st.completed == 2 * n + 1);
+    free(in);
+    free(o);
+}
+
+static void t_batch(pp_pool *pool)
+{
+    size_t n = 3000;
+    long *in = inputs(n);
+    struct out *o = calloc(n, sizeof *o);
+    pp_error err;
+    CHECK(pp_map_batch(pool, square_run, in, 700, sizeof *in, o, sizeof *o, 0, &err) == 0);
+    check_squares(o, 700, "map_batch");
+    memset(o, 0, n * sizeof *o);
+    /* The death fails item 777 alone (its serving rank runs the rest of
+     * that call again one by one); the failed run fails as a whole. */
+    CHECK(pp_map_batch(pool, square_run, in, n, sizeof *in, o, sizeof *o, 250, &err) == PP_ECRASH);
+    CHECK(err.index == 777 && err.failed >= 2 && err.failed <= 251);
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        bad += o[i].value != (long)(i * i) || o[i].rank <= 0;
+    CHECK(bad == err.failed && o[777].rank == 0 && o[1500].rank == 0);
     free(in);
     free(o);
 }
@@ -559,6 +595,8 @@ int main(int argc, char **argv)
         t_broken(pool);
     else if (strcmp(what, "big") == 0)
         t_big(pool);
+    else if (strcmp(what, "batch") == 0)
+        t_batch(pool);
     else {
         fprintf(stderr, "unknown scenario %s\n", what);
         failures++;

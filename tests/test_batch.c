@@ -1,0 +1,278 @@
+/* pp_map_batch and pp_map_batch_async: a batch task runs runs of items in one
+ * call; a failure fails its run, a death or a timeout only its own item. */
+#include "helpers.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <procpool.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* What the tasks record, in the arena (seen by spawned workers too). */
+struct shared {
+    _Atomic long calls, items;
+    _Atomic int runs_across_chunks; /* calls whose run crossed a chunk's end */
+    _Atomic long bad_start;         /* the first item of the failing call */
+    _Atomic int bad_count;
+    size_t chunksize;
+    long crash_at, hang_at, fail_at, overrun_at;
+};
+#define sh (*(struct shared **)test_global("sh"))
+
+static void setup(void)
+{
+    sh = test_share("sh", pp_shm_alloc(sizeof *sh));
+    sh->crash_at = sh->hang_at = sh->fail_at = sh->overrun_at = -1;
+}
+
+static void teardown(void)
+{
+    pp_shm_free(sh);
+}
+
+/* Arguments are the items' own indexes: a call sees where its run lies. */
+static int square_run(const void *args, void *results, size_t count)
+{
+    const long *in = args;
+    long *out = results;
+    atomic_fetch_add(&sh->calls, 1);
+    atomic_fetch_add(&sh->items, (long)count);
+    if ((size_t)in[0] / sh->chunksize != (size_t)in[count - 1] / sh->chunksize)
+        atomic_fetch_add(&sh->runs_across_chunks, 1);
+    for (size_t k = 0; k < count; k++) {
+        if (in[k] == sh->crash_at)
+            raise(SIGKILL);
+        if (in[k] == sh->hang_at)
+            pause();
+        if (in[k] == sh->fail_at) {
+            atomic_store(&sh->bad_start, in[0]);
+            atomic_store(&sh->bad_count, (int)count);
+            return pp_fail(5, "bad item %ld", in[k]);
+        }
+        if (in[k] == sh->overrun_at)
+            memset(out + count, 0x7f, 16); /* past the run: past the chunk's results */
+        out[k] = in[k] * in[k];
+    }
+    return 0;
+}
+
+static long *indexes(size_t n)
+{
+    long *v = malloc(n * sizeof *v);
+    for (size_t i = 0; i < n; i++)
+        v[i] = (long)i;
+    return v;
+}
+
+/* Items whose result is not i * i, those in `skip` aside. */
+static size_t wrong(const long *out, size_t n, long skip_from, long skip_to)
+{
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        if (((long)i < skip_from || (long)i >= skip_to) && out[i] != (long)(i * i))
+            bad++;
+    return bad;
+}
+
+static pp_pool *pool_of(int workers, double task_timeout)
+{
+    pp_options o = {.workers = workers, .task_timeout = task_timeout};
+    pp_pool *pool = pp_pool_new(&o);
+    cr_assert_not_null(pool);
+    return pool;
+}
+
+TestSuite(batch, .init = setup, .fini = teardown, .timeout = PP_TEST_TIMEOUT(60));
+
+Test(batch, every_item_runs_once_in_runs_inside_its_chunk)
+{
+    size_t n = 100003;
+    sh->chunksize = 1000;
+    long *in = indexes(n), *out = calloc(n, sizeof *out);
+    pp_pool *pool = pool_of(2, 0);
+    pp_error err;
+    cr_assert_eq(pp_map_batch(pool, square_run, in, n, sizeof *in, out, sizeof *out, 1000, &err),
+                 0);
+    cr_expect_eq(wrong(out, n, 0, 0), 0);
+    cr_expect_eq(atomic_load(&sh->items), (long)n, "each item once: %ld", atomic_load(&sh->items));
+    cr_expect_eq(atomic_load(&sh->runs_across_chunks), 0);
+    /* 101 chunks of at most 16 runs: far fewer calls than items. */
+    cr_expect_leq(atomic_load(&sh->calls), 101 * 16, "%ld calls", atomic_load(&sh->calls));
+    pp_pool_free(pool);
+    free(in);
+    free(out);
+}
+
+Test(batch, default_chunksize_and_arena_arrays)
+{
+    size_t n = 50000;
+    sh->chunksize = (n + 4 * 3 - 1) / (4 * 3); /* CPython's rule for 3 workers */
+    long *in = pp_shm_alloc(n * sizeof *in), *out = pp_shm_alloc(n * sizeof *out);
+    for (size_t i = 0; i < n; i++)
+        in[i] = (long)i;
+    pp_pool *pool = pool_of(3, 0);
+    cr_assert_eq(pp_map_batch(pool, square_run, in, n, sizeof *in, out, sizeof *out, 0, NULL), 0);
+    cr_expect_eq(wrong(out, n, 0, 0), 0);
+    cr_expect_eq(atomic_load(&sh->runs_across_chunks), 0);
+    pp_pool_free(pool);
+    pp_shm_free(in);
+    pp_shm_free(out);
+}
+
+static int count_calls(const void *args, void *results, size_t count)
+{
+    if (args != NULL || results != NULL || count == 0)
+        return 1;
+    atomic_fetch_add(&sh->items, (long)count);
+    return 0;
+}
+
+Test(batch, sizes_of_zero_pass_null)
+{
+    pp_pool *pool = pool_of(2, 0);
+    cr_assert_eq(pp_map_batch(pool, count_calls, NULL, 777, 0, NULL, 0, 10, NULL), 0);
+    cr_expect_eq(atomic_load(&sh->items), 777);
+    cr_expect_eq(pp_map_batch(pool, count_calls, NULL, 0, 0, NULL, 0, 0, NULL), 0);
+    pp_pool_free(pool);
+}
+
+Test(batch, bad_arguments_are_einval)
+{
+    pp_pool *pool = pool_of(1, 0);
+    long x[4] = {0}, y[4];
+    cr_expect_eq(pp_map_batch(NULL, square_run, x, 4, sizeof *x, y, sizeof *y, 0, NULL), -EINVAL);
+    cr_expect_eq(pp_map_batch(pool, NULL, x, 4, sizeof *x, y, sizeof *y, 0, NULL), -EINVAL);
+    cr_expect_eq(pp_map_batch(pool, square_run, NULL, 4, sizeof *x, y, sizeof *y, 0, NULL),
+                 -EINVAL);
+    cr_expect_eq(pp_map_batch(pool, square_run, x, 4, sizeof *x, NULL, sizeof *y, 0, NULL),
+                 -EINVAL);
+    cr_expect_eq(pp_map_batch(pool, square_run, x, SIZE_MAX / 2, 8, y, 8, 0, NULL), -EINVAL);
+    errno = 0;
+    cr_expect_null(pp_map_batch_async(pool, NULL, x, 4, sizeof *x, sizeof *y, 0, NULL, NULL, NULL));
+    cr_expect_eq(errno, EINVAL);
+    pp_close(pool);
+    cr_expect_eq(pp_map_batch(pool, square_run, x, 4, sizeof *x, y, sizeof *y, 0, NULL),
+                 PP_ECLOSED);
+    pp_pool_free(pool);
+}
+
+Test(batch, a_failing_call_fails_its_run_and_nothing_else)
+{
+    size_t n = 20000;
+    sh->chunksize = 2000;
+    sh->fail_at = 7777;
+    long *in = indexes(n), *out = malloc(n * sizeof *out);
+    memset(out, 0xab, n * sizeof *out);
+    pp_pool *pool = pool_of(2, 0);
+    pp_error err;
+    cr_assert_eq(pp_map_batch(pool, square_run, in, n, sizeof *in, out, sizeof *out, 2000, &err),
+                 PP_ETASK);
+    long from = atomic_load(&sh->bad_start), count = atomic_load(&sh->bad_count);
+    cr_assert(from <= 7777 && 7777 < from + count && count > 1, "run [%ld, +%ld)", from, count);
+    cr_expect_eq(err.code, PP_ETASK);
+    cr_expect_eq(err.status, 5);
+    cr_expect_eq(err.index, (size_t)from);
+    cr_expect_eq(err.failed, (size_t)count);
+    cr_expect_str_eq(err.message, "bad item 7777");
+    cr_expect_eq(wrong(out, n, from, from + count), 0);
+    for (long i = from; i < from + count; i++) /* a failed item's slot is left as it was */
+        cr_expect_eq(out[i], (long)0xababababababababUL);
+    pp_pool_free(pool);
+    free(in);
+    free(out);
+}
+
+/* The item that kills its worker fails alone, though it ran inside a call of
+ * many: the call's other items run again, one per call. */
+Test(batch, a_crash_fails_only_the_item_that_crashes)
+{
+    size_t n = 20000;
+    sh->chunksize = 2000;
+    sh->crash_at = 5003; /* inside a run of 125, not its first */
+    long *in = indexes(n), *out = calloc(n, sizeof *out);
+    pp_pool *pool = pool_of(2, 0);
+    pp_error err;
+    cr_assert_eq(pp_map_batch(pool, square_run, in, n, sizeof *in, out, sizeof *out, 2000, &err),
+                 PP_ECRASH);
+    cr_expect_eq(err.index, 5003);
+    cr_expect_eq(err.failed, 1);
+    cr_expect_eq(err.status, SIGKILL);
+    cr_expect_eq(wrong(out, n, 5003, 5004), 0);
+    pp_stats st;
+    cr_assert_eq(pp_pool_stats(pool, &st), 0);
+    cr_expect_eq(st.crashed, 1);
+    cr_expect_eq(st.completed, n - 1);
+    pp_pool_free(pool);
+    free(in);
+    free(out);
+}
+
+Test(batch, a_call_past_task_timeout_fails_only_the_item_that_hangs)
+{
+    size_t n = 4000;
+    sh->chunksize = 1000;
+    sh->hang_at = 2500;
+    long *in = indexes(n), *out = calloc(n, sizeof *out);
+    pp_pool *pool = pool_of(2, 0.3);
+    pp_error err;
+    cr_assert_eq(pp_map_batch(pool, square_run, in, n, sizeof *in, out, sizeof *out, 1000, &err),
+                 PP_ETIMEOUT);
+    cr_expect_eq(err.index, 2500);
+    cr_expect_eq(err.failed, 1);
+    cr_expect_eq(wrong(out, n, 2500, 2501), 0);
+    pp_pool_free(pool);
+    free(in);
+    free(out);
+}
+
+Test(batch, a_write_past_the_chunk_fails_the_chunk_with_eoverflow)
+{
+    size_t n = 64;
+    sh->chunksize = 32;
+    sh->overrun_at = 31; /* the last item of the first chunk */
+    long *in = indexes(n), *out = calloc(n, sizeof *out);
+    pp_pool *pool = pool_of(1, 0);
+    pp_error err;
+    cr_assert_eq(pp_map_batch(pool, square_run, in, n, sizeof *in, out, sizeof *out, 32, &err),
+                 -EOVERFLOW);
+    cr_expect_eq(err.index, 0);
+    cr_expect_eq(err.failed, 32);
+    cr_expect_eq(wrong(out, n, 0, 32), 0); /* the second chunk is whole */
+    pp_pool_free(pool);
+    free(in);
+    free(out);
+}
+
+static _Atomic int callbacks;
+
+static void on_done(const void *result, void *userdata)
+{
+    const long *out = result;
+    size_t n = (size_t)(uintptr_t)userdata;
+    if (wrong(out, n, 0, 0) == 0)
+        atomic_fetch_add(&callbacks, 1);
+}
+
+Test(batch, async_map_gives_results_to_get_and_callback)
+{
+    size_t n = 30000;
+    sh->chunksize = 500;
+    long *in = indexes(n), *out = calloc(n, sizeof *out);
+    pp_pool *pool = pool_of(2, 0);
+    pp_async *a = pp_map_batch_async(pool, square_run, in, n, sizeof *in, sizeof *out, 500, on_done,
+                                     NULL, (void *)(uintptr_t)n);
+    cr_assert_not_null(a);
+    memset(in, 0, n * sizeof *in); /* copied at submission */
+    cr_assert_eq(pp_async_get(a, out, -1, NULL), 0);
+    cr_expect_eq(wrong(out, n, 0, 0), 0);
+    cr_expect(pp_async_successful(a));
+    pp_async_free(a);
+    pp_close(pool);
+    pp_join(pool); /* callbacks have returned */
+    cr_expect_eq(atomic_load(&callbacks), 1);
+    pp_pool_free(pool);
+    free(in);
+    free(out);
+}
