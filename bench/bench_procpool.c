@@ -62,6 +62,16 @@ static int map(void *pool, bench_fn *fn, const void *args, size_t n, size_t arg_
     return rc;
 }
 
+static int map_batch(void *pool, bench_batch_fn *fn, const void *args, size_t n, size_t arg_size,
+                     void *results, size_t result_size, size_t chunksize)
+{
+    pp_error err;
+    int rc = pp_map_batch(pool, fn, args, n, arg_size, results, result_size, chunksize, &err);
+    if (rc)
+        report("pp_map_batch", rc, &err);
+    return rc;
+}
+
 static int apply(void *pool, bench_fn *fn, const void *arg, size_t arg_size, void *result,
                  size_t result_size)
 {
@@ -152,6 +162,7 @@ int main(int argc, char **argv)
         .close_join = close_join,
         .pool_free = pool_free,
         .map = map,
+        .map_batch = map_batch,
         .apply = apply,
         .apply_async = apply_async,
         .async_get = async_get,

@@ -89,6 +89,46 @@ static int tp_map_(void *pool, bench_fn *fn, const void *args, size_t n, size_t 
     return tp_map(pool, fn, args, n, arg_size, results, result_size, chunksize);
 }
 
+/* A batch map on the thread pool, as a C programmer would write it: one
+ * task per chunk (CPython's chunk count, 4 per worker), each calling the
+ * batch function over its chunk. */
+struct chunk_arg {
+    bench_batch_fn *fn;
+    const char *args;
+    char *results;
+    size_t count;
+};
+
+static int run_chunk(const void *arg, void *result)
+{
+    const struct chunk_arg *c = arg;
+    *(int *)result = c->fn(c->args, c->results, c->count);
+    return *(int *)result;
+}
+
+static int tp_map_batch_(void *pool, bench_batch_fn *fn, const void *args, size_t n,
+                         size_t arg_size, void *results, size_t result_size, size_t chunksize)
+{
+    size_t per = 4 * (size_t)tp_pool_workers(pool);
+    if (chunksize == 0)
+        chunksize = (n + per - 1) / per;
+    size_t nchunks = (n + chunksize - 1) / chunksize;
+    struct chunk_arg *c = malloc(nchunks * sizeof *c);
+    int *rcs = malloc(nchunks * sizeof *rcs);
+    int rc = c && rcs ? 0 : -1;
+    for (size_t k = 0; rc == 0 && k < nchunks; k++) {
+        size_t from = k * chunksize;
+        c[k] = (struct chunk_arg){fn, (const char *)args + from * arg_size,
+                                  (char *)results + from * result_size,
+                                  n - from < chunksize ? n - from : chunksize};
+    }
+    if (rc == 0)
+        rc = tp_map(pool, run_chunk, c, nchunks, sizeof *c, rcs, sizeof *rcs, 1);
+    free(c);
+    free(rcs);
+    return rc;
+}
+
 static int tp_apply_(void *pool, bench_fn *fn, const void *arg, size_t arg_size, void *result,
                      size_t result_size)
 {
@@ -155,6 +195,17 @@ static int serial_map(void *pool, bench_fn *fn, const void *args, size_t n, size
     return rc;
 }
 
+/* The serial loop of a batch task: one call over every item. */
+static int serial_map_batch(void *pool, bench_batch_fn *fn, const void *args, size_t n,
+                            size_t arg_size, void *results, size_t result_size, size_t chunksize)
+{
+    (void)pool;
+    (void)arg_size;
+    (void)result_size;
+    (void)chunksize;
+    return fn(args, results, n);
+}
+
 int main(int argc, char **argv)
 {
     static const bench_backend pthread_side = {
@@ -163,6 +214,7 @@ int main(int argc, char **argv)
         .close_join = tp_cj,
         .pool_free = tp_free,
         .map = tp_map_,
+        .map_batch = tp_map_batch_,
         .apply = tp_apply_,
         .apply_async = tp_apply_async_,
         .async_get = tp_get,
@@ -177,6 +229,7 @@ int main(int argc, char **argv)
         .side = "serial",
         .serial = true,
         .map = serial_map,
+        .map_batch = serial_map_batch,
         .big_alloc = heap_alloc,
         .big_free = heap_free,
     };

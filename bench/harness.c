@@ -114,6 +114,17 @@ static int task_square(const void *arg, void *res)
     return 0;
 }
 
+/* Workload 1's batch rows: the same x*x, the loop over a run of items the
+ * task's own (the compiler vectorizes it). */
+static int task_square_batch(const void *args, void *results, size_t count)
+{
+    const int32_t *x = args;
+    int64_t *y = results;
+    for (size_t i = 0; i < count; i++)
+        y[i] = (int64_t)x[i] * x[i];
+    return 0;
+}
+
 /* Workloads 2-5 and 7: nothing at all. */
 static int task_noop(const void *arg, void *res)
 {
@@ -164,8 +175,9 @@ static int task_checksum(const void *arg, void *res)
 
 static void *main_pool;
 
-/* Maps x*x over args[0..n) into res, reps times: items/s in `row`. */
-static void w1_rounds(const char *row, int32_t *args, int64_t *res, size_t n)
+/* Maps x*x over args[0..n) into res, reps times: items/s in `row`. With
+ * `batch`, through map_batch and task_square_batch. */
+static void w1_rounds(const char *row, int32_t *args, int64_t *res, size_t n, bool batch)
 {
     progress(row);
     for (size_t i = 0; i < n; i++)
@@ -173,7 +185,9 @@ static void w1_rounds(const char *row, int32_t *args, int64_t *res, size_t n)
     for (int r = -1; r < reps; r++) { /* r == -1: warm-up, not reported */
         memset(res, 0, n * sizeof *res);
         double t0 = now_s();
-        int rc = B->map(main_pool, task_square, args, n, sizeof *args, res, sizeof *res, 0);
+        int rc = batch ? B->map_batch(main_pool, task_square_batch, args, n, sizeof *args, res,
+                                      sizeof *res, 0)
+                       : B->map(main_pool, task_square, args, n, sizeof *args, res, sizeof *res, 0);
         double t = now_s() - t0;
         if (rc) {
             failure(row, "map failed: %d", rc);
@@ -188,41 +202,46 @@ static void w1_rounds(const char *row, int32_t *args, int64_t *res, size_t n)
     }
 }
 
-/* 1. map of x*x, default chunksize: items/s. The caller's arrays are private
- * memory (what the issue asks); then the same 1M map with both arrays in
- * the shared arena (pp_shm_alloc), where nothing is copied: what the
- * process boundary costs, beside what the pool costs. */
-static void w1_map_square(void)
+/* One row of workload 1: n items, in private memory or in the arena. */
+static void w1_row(const char *row, size_t n, bool arena, bool batch)
 {
-    static const struct {
-        const char *row;
-        size_t n;
-    } sizes[] = {{"w1_map_1m", 1000000}, {"w1_map_10m", 10000000}};
-    for (size_t s = 0; s < sizeof sizes / sizeof *sizes; s++) {
-        size_t n = sizes[s].n;
-        int32_t *args = malloc(n * sizeof *args);
-        int64_t *res = malloc(n * sizeof *res);
-        if (args && res)
-            w1_rounds(sizes[s].row, args, res, n);
-        else
-            failure(sizes[s].row, "out of memory (%d)", -ENOMEM);
-        free(args);
-        free(res);
-    }
-    if (!B->big_alloc || B->serial)
-        return;
-    const char *row = "w1_map_1m_shared";
-    size_t n = 1000000;
-    int32_t *args = B->big_alloc(n * sizeof *args);
-    int64_t *res = B->big_alloc(n * sizeof *res);
+    void *(*alloc)(size_t) = arena ? B->big_alloc : malloc;
+    int32_t *args = alloc(n * sizeof *args);
+    int64_t *res = alloc(n * sizeof *res);
     if (args && res)
-        w1_rounds(row, args, res, n);
+        w1_rounds(row, args, res, n, batch);
     else
         failure(row, "allocation failed: errno %d", errno);
+    if (!arena) {
+        free(args);
+        free(res);
+        return;
+    }
     if (args)
         B->big_free(args, n * sizeof *args);
     if (res)
         B->big_free(res, n * sizeof *res);
+}
+
+/* 1. map of x*x, default chunksize: items/s. The caller's arrays are private
+ * memory (what the issue asks); then the same 1M map with both arrays in
+ * the shared arena (pp_shm_alloc), where nothing is copied: what the
+ * process boundary costs, beside what the pool costs. The batch rows run
+ * the same maps with a batch task (pp_map_batch): what is left when the
+ * pool calls the task once per run of items instead of once per item. */
+static void w1_map_square(void)
+{
+    bool arena = B->big_alloc && !B->serial, batch = B->map_batch != NULL;
+    w1_row("w1_map_1m", 1000000, false, false);
+    w1_row("w1_map_10m", 10000000, false, false);
+    if (arena)
+        w1_row("w1_map_1m_shared", 1000000, true, false);
+    if (batch) {
+        w1_row("w1_batch_1m", 1000000, false, true);
+        w1_row("w1_batch_10m", 10000000, false, true);
+    }
+    if (batch && arena)
+        w1_row("w1_batch_1m_shared", 1000000, true, true);
 }
 
 /* The int32 arguments 0..n-1 and room for n int32 results. */

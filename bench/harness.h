@@ -19,6 +19,8 @@
 
 /* Same shape as pp_fn and tp_fn. */
 typedef int bench_fn(const void *arg, void *result);
+/* Same shape as pp_batch_fn: `count` items in one call. */
+typedef int bench_batch_fn(const void *args, void *results, size_t count);
 
 typedef struct bench_backend {
     const char *side; /* column name: "procpool", "pthread", "serial", ... */
@@ -29,6 +31,9 @@ typedef struct bench_backend {
     void (*pool_free)(void *pool);
     int (*map)(void *pool, bench_fn *fn, const void *args, size_t n, size_t arg_size, void *results,
                size_t result_size, size_t chunksize);
+    /* A map whose task runs runs of items (workload 1's batch rows). */
+    int (*map_batch)(void *pool, bench_batch_fn *fn, const void *args, size_t n, size_t arg_size,
+                     void *results, size_t result_size, size_t chunksize);
     int (*apply)(void *pool, bench_fn *fn, const void *arg, size_t arg_size, void *result,
                  size_t result_size);
     void *(*apply_async)(void *pool, bench_fn *fn, const void *arg, size_t arg_size,
