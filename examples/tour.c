@@ -33,6 +33,8 @@ static const struct example {
     {"crash", "a segfault, an abort(), an error and a hang: Python's map would hang", false},
     {"progress", "a live progress bar with rate and ETA from pp_pool_stats (Python has none)",
      false},
+    {"batch", "pool.map over 10M tiny items, then a run of items per call (Python has none)",
+     false},
 };
 
 enum { N_EXAMPLES = sizeof examples / sizeof examples[0] };

@@ -42,8 +42,13 @@ struct pp_job {
     size_t err_index;
     pp_error *err;
     int err_code;
-    int refs;                /* the handle, plus one while the pool holds it */
+    /* refs is at most 2, and short: with the flags below it fills one word,
+     * which keeps a pp_apply_async's block in the 256-byte class (a job of
+     * 216 bytes took the 512-byte one and cost workload 4 a quarter of its
+     * rate: 2.6 -> 2.0 M tasks/s). */
+    short refs;              /* the handle, plus one while the pool holds it */
     signed char block_class; /* its block's in pool->jobcache */
+    bool batch;              /* fn is a pp_batch_fn (pp_map_batch) */
     bool complete;           /* every item resolved */
     bool ready;              /* complete and its callbacks returned */
     bool cancelled;          /* nothing more of it is dealt */
@@ -51,7 +56,6 @@ struct pp_job {
     bool in_callbacks;       /* its callbacks are running now */
     bool streaming;          /* an iterator job: never complete, no pool hold */
     bool queued;             /* in the pool's queue (qnext) */
-    bool batch;              /* fn is a pp_batch_fn (pp_map_batch) */
     pp_callback *callback;
     pp_error_callback *error_callback;
     void *userdata;
