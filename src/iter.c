@@ -464,11 +464,11 @@ static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, bool batch, pp_source *source
                          size_t chunksize, size_t window, bool ordered)
 {
     pp_iter *it = calloc(1, sizeof *it);
-    struct pp_job *job = pp__job_new(pool, fn, 0, arg_size, result_size, chunksize, 0);
-    if (it == NULL || job == NULL) {
+    pthread_mutex_lock(&pool->mu); /* it guards the job cache too */
+    struct pp_job *job = it ? pp__job_new(pool, fn, 0, arg_size, result_size, chunksize, 0) : NULL;
+    if (job == NULL) {
+        pthread_mutex_unlock(&pool->mu);
         free(it);
-        if (job != NULL)
-            pp__job_discard(job);
         errno = ENOMEM;
         return NULL;
     }
@@ -490,18 +490,18 @@ static pp_iter *iter_new(pp_pool *pool, pp_fn *fn, bool batch, pp_source *source
             window = DEFAULT_WINDOW_MIN;
     }
     it->window = window;
-    pthread_mutex_lock(&pool->mu);
     int rc = pp__submit(pool, job);
-    if (rc == 0)
+    bool submitted = rc == 0;
+    if (submitted)
         rc = refill(it);
+    else {
+        pp__job_discard(job);
+        free(it);
+    }
     pthread_mutex_unlock(&pool->mu);
+    if (submitted && rc < 0) /* in the pool's books: freed as any iterator is */
+        pp_iter_free(it);
     if (rc < 0) {
-        if (rc == -ENOMEM) {
-            pp_iter_free(it);
-        } else {
-            pp__job_discard(job);
-            free(it);
-        }
         errno = pp__submit_errno(rc);
         return NULL;
     }

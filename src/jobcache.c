@@ -19,7 +19,6 @@ static int class_of(size_t bytes)
 void pp__jobcache_init(struct pp_jobcache *c)
 {
     *c = (struct pp_jobcache){0};
-    pthread_mutex_init(&c->mu, NULL);
 }
 
 void *pp__jobcache_take(struct pp_jobcache *c, size_t bytes, int *cls)
@@ -27,16 +26,12 @@ void *pp__jobcache_take(struct pp_jobcache *c, size_t bytes, int *cls)
     *cls = class_of(bytes);
     if (*cls == PP_JOBCACHE_NONE)
         return calloc(1, bytes);
-    pthread_mutex_lock(&c->mu);
     void *block = c->free[*cls];
-    if (block != NULL) {
-        c->free[*cls] = *(void **)block;
-        c->bytes -= (size_t)256 << *cls;
-        c->taken++;
-    }
-    pthread_mutex_unlock(&c->mu);
     if (block == NULL)
         return calloc(1, (size_t)256 << *cls); /* fresh memory: calloc skips the memset */
+    c->free[*cls] = *(void **)block;
+    c->bytes -= (size_t)256 << *cls;
+    c->taken++;
     memset(block, 0, bytes);
     return block;
 }
@@ -45,21 +40,17 @@ void pp__jobcache_give(struct pp_jobcache *c, void *block, int cls)
 {
     if (cls != PP_JOBCACHE_NONE) {
         size_t size = (size_t)256 << cls;
-        pthread_mutex_lock(&c->mu);
-        bool keep = c->bytes + size <= PP_JOBCACHE_MAX_BYTES;
-        if (keep) {
+        if (c->bytes + size <= PP_JOBCACHE_MAX_BYTES) {
             *(void **)block = c->free[cls];
             c->free[cls] = block;
             c->bytes += size;
-        }
-        pthread_mutex_unlock(&c->mu);
-        if (keep)
             return;
+        }
     }
     free(block);
 }
 
-static void release_locked(struct pp_jobcache *c)
+void pp__jobcache_release(struct pp_jobcache *c)
 {
     for (int cls = 0; cls < PP_JOBCACHE_CLASSES; cls++)
         while (c->free[cls] != NULL) {
@@ -73,29 +64,18 @@ static void release_locked(struct pp_jobcache *c)
 
 int64_t pp__jobcache_decay(struct pp_jobcache *c, int64_t now)
 {
-    pthread_mutex_lock(&c->mu);
     if (c->bytes == 0) {
         c->look_at = 0;
     } else if (c->look_at == 0 || c->taken != c->taken_seen) {
         c->taken_seen = c->taken; /* in use: a new interval */
         c->look_at = now + PP_JOBCACHE_IDLE_NS;
     } else if (now >= c->look_at) {
-        release_locked(c);
+        pp__jobcache_release(c);
     }
-    int64_t next = c->look_at != 0 ? c->look_at : PP_FOREVER;
-    pthread_mutex_unlock(&c->mu);
-    return next;
-}
-
-void pp__jobcache_release(struct pp_jobcache *c)
-{
-    pthread_mutex_lock(&c->mu);
-    release_locked(c);
-    pthread_mutex_unlock(&c->mu);
+    return c->look_at != 0 ? c->look_at : PP_FOREVER;
 }
 
 void pp__jobcache_destroy(struct pp_jobcache *c)
 {
     pp__jobcache_release(c);
-    pthread_mutex_destroy(&c->mu);
 }

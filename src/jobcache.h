@@ -13,13 +13,13 @@
  * decay of dirty pages, in small). The library thread looks at the
  * interval; the hot path reads no clock.
  *
- * It has a lock of its own: jobs are made before the pool's lock is taken,
- * and freed under it.
+ * It is guarded by the pool's lock, under which jobs are made and freed: a
+ * lock of its own cost every pp_apply_async two more lock pairs, about 8 %
+ * of workload 4's rate (2.6-2.7 against 2.8-3.0 M tasks/s).
  */
 #ifndef PP_JOBCACHE_H
 #define PP_JOBCACHE_H
 
-#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -30,7 +30,6 @@
 #define PP_JOBCACHE_NONE      (-1)       /* the class of a block too large to keep */
 
 struct pp_jobcache {
-    pthread_mutex_t mu;
     void *free[PP_JOBCACHE_CLASSES]; /* linked through each block's first word */
     size_t bytes;                    /* kept on the lists */
     uint64_t taken, taken_seen;      /* blocks served from the lists; at the last look */

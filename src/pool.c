@@ -37,6 +37,7 @@
 
 /* ---- jobs ----------------------------------------------------------------- */
 
+/* mu held: it guards the job cache. */
 struct pp_job *pp__job_new(pp_pool *pool, pp_fn *fn, size_t n, size_t arg_size, size_t result_size,
                            size_t chunksize, size_t extra)
 {
@@ -85,6 +86,7 @@ void pp__job_maybe_free(struct pp_job *job)
     pp__job_discard(job);
 }
 
+/* mu held, or the pool being destroyed. */
 void pp__job_discard(struct pp_job *job)
 {
     pp__jobcache_give(&job->pool->jobcache, job, job->block_class);
@@ -667,18 +669,26 @@ size_t pp__default_chunksize(const pp_pool *pool, size_t n)
     return c ? c : 1;
 }
 
-/* Runs a map job to the end and reports as pp_map does. */
-static int run_blocking(pp_pool *pool, struct pp_job *job, pp_error *err)
+/* Runs a map job of these items to the end and reports as pp_map does. The
+ * job is made under the pool's lock, which guards the job cache. */
+static int run_blocking(pp_pool *pool, pp_fn *fn, bool batch, const void *args, size_t n,
+                        size_t arg_size, void *results, size_t result_size, size_t chunksize,
+                        pp_error *err)
 {
     pthread_mutex_lock(&pool->mu);
-    int rc = pp__check_submit(pool);
+    struct pp_job *job = pp__job_new(pool, fn, n, arg_size, result_size, chunksize, 0);
+    int rc = job == NULL ? -ENOMEM : pp__check_submit(pool);
     if (rc == 0 && pool->spawned)
         rc = encode_fn(pool, job);
     if (rc < 0) {
+        if (job != NULL)
+            pp__job_discard(job);
         pthread_mutex_unlock(&pool->mu);
-        pp__job_discard(job);
         return rc;
     }
+    job->batch = batch;
+    job->args = args;
+    job->results = results;
     job_attach(pool, job);
     if (job->n == 0)
         pp__job_settle(job);
@@ -702,14 +712,8 @@ static int map_blocking(pp_pool *pool, pp_fn *fn, bool batch, const void *args, 
         return -EINVAL;
     if ((arg_size && n > SIZE_MAX / arg_size) || (result_size && n > SIZE_MAX / result_size))
         return -EINVAL;
-    struct pp_job *job = pp__job_new(pool, fn, n, arg_size, result_size,
-                                     chunksize ? chunksize : pp__default_chunksize(pool, n), 0);
-    if (job == NULL)
-        return -ENOMEM;
-    job->batch = batch;
-    job->args = args;
-    job->results = results;
-    return run_blocking(pool, job, err);
+    return run_blocking(pool, fn, batch, args, n, arg_size, results, result_size,
+                        chunksize ? chunksize : pp__default_chunksize(pool, n), err);
 }
 
 PP_API int pp_map(pp_pool *pool, pp_fn *fn, const void *args, size_t n, size_t arg_size,
@@ -731,12 +735,7 @@ PP_API int pp_apply(pp_pool *pool, pp_fn *fn, const void *arg, size_t arg_size, 
     if (pool == NULL || fn == NULL || (arg == NULL && arg_size != 0) ||
         (result == NULL && result_size != 0))
         return -EINVAL;
-    struct pp_job *job = pp__job_new(pool, fn, 1, arg_size, result_size, 1, 0);
-    if (job == NULL)
-        return -ENOMEM;
-    job->args = arg;
-    job->results = result;
-    return run_blocking(pool, job, err);
+    return run_blocking(pool, fn, false, arg, 1, arg_size, result, result_size, 1, err);
 }
 
 /* ---- asynchronous submission (shared with async.c and iter.c) --------------- */
