@@ -272,8 +272,9 @@ typedef int pp_batch_fn(const void *args, void *results, size_t count);
  * at most chunksize of them; fewer where part of a chunk is left to an idle
  * worker. task_timeout and the soft limit count per call. A worker that
  * dies inside a call, or is killed for its time limit: the items of that
- * call and the rest of its chunk run again one per call, so that a crash
- * or a timeout fails the one item that causes it on its own, and no other.
+ * call run again one per call (those that had finished run twice: a batch
+ * task's items must be safe to repeat), so that a crash or a timeout fails
+ * the one item that causes it on its own, and no other.
  * A write past the results is caught for the chunk, not for the call: the
  * items of the chunk not copied back yet fail -EOVERFLOW. Same arguments,
  * return values and errors as pp_map and pp_map_async. */

@@ -4,6 +4,7 @@
 
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <pthread.h>
 #include <procpool.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -17,14 +18,15 @@ struct shared {
     _Atomic long bad_start;         /* the first item of the failing call */
     _Atomic int bad_count;
     size_t chunksize;
-    long crash_at, hang_at, fail_at, overrun_at;
+    long crash_at, hang_at, fail_at, overrun_at, hold_at;
+    _Atomic int held; /* calls holding at hold_at */
 };
 #define sh (*(struct shared **)test_global("sh"))
 
 static void setup(void)
 {
     sh = test_share("sh", pp_shm_alloc(sizeof *sh));
-    sh->crash_at = sh->hang_at = sh->fail_at = sh->overrun_at = -1;
+    sh->crash_at = sh->hang_at = sh->fail_at = sh->overrun_at = sh->hold_at = -1;
 }
 
 static void teardown(void)
@@ -46,6 +48,11 @@ static int square_run(const void *args, void *results, size_t count)
             raise(SIGKILL);
         if (in[k] == sh->hang_at)
             pause();
+        if (in[k] == sh->hold_at) { /* until killed */
+            atomic_fetch_add(&sh->held, 1);
+            for (;;)
+                pause();
+        }
         if (in[k] == sh->fail_at) {
             atomic_store(&sh->bad_start, in[0]);
             atomic_store(&sh->bad_count, (int)count);
@@ -275,4 +282,85 @@ Test(batch, async_map_gives_results_to_get_and_callback)
     pp_pool_free(pool);
     free(in);
     free(out);
+}
+
+/* Cancelling a batch map whose call holds: its worker is killed (nothing is
+ * charged to the call's items, which then fail PP_ECANCELED with the rest),
+ * and the pool goes on whole. */
+Test(batch, a_cancelled_async_map_fails_ecanceled_and_the_pool_goes_on)
+{
+    size_t n = 4000;
+    sh->chunksize = 1000;
+    sh->hold_at = 1500;
+    long *in = indexes(n), *out = calloc(n, sizeof *out);
+    pp_pool *pool = pool_of(2, 0);
+    pp_async *a = pp_map_batch_async(pool, square_run, in, n, sizeof *in, sizeof *out, 1000, NULL,
+                                     NULL, NULL);
+    cr_assert_not_null(a);
+    wait_flag(&sh->held, 1);
+    cr_assert_eq(pp_async_cancel(a), 0);
+    pp_error err;
+    cr_expect_eq(pp_async_get(a, out, -1, &err), PP_ECANCELED);
+    cr_expect_gt(err.failed, 0);
+    pp_async_free(a);
+    pp_stats st;
+    cr_assert_eq(pp_pool_stats(pool, &st), 0);
+    cr_expect_eq(st.crashed, 0);
+    cr_expect_eq(st.completed + st.cancelled, n, "%llu + %llu", (unsigned long long)st.completed,
+                 (unsigned long long)st.cancelled);
+    sh->hold_at = -1;
+    memset(out, 0, n * sizeof *out);
+    cr_expect_eq(pp_map_batch(pool, square_run, in, n, sizeof *in, out, sizeof *out, 0, NULL), 0);
+    cr_expect_eq(wrong(out, n, 0, 0), 0);
+    pp_pool_free(pool);
+    free(in);
+    free(out);
+}
+
+struct blocked_map {
+    pp_pool *pool;
+    long *in, *out;
+    size_t n;
+    int rc;
+    pp_error err;
+};
+
+static void *map_in_thread(void *arg)
+{
+    struct blocked_map *m = arg;
+    m->rc = pp_map_batch(m->pool, square_run, m->in, m->n, sizeof *m->in, m->out, sizeof *m->out,
+                         500, &m->err);
+    return NULL;
+}
+
+/* pp_terminate while a blocking batch map's call holds: the map returns
+ * PP_ECLOSED for what had not finished, and every finished run keeps its
+ * results. */
+Test(batch, terminate_ends_a_blocked_batch_map_with_eclosed)
+{
+    struct blocked_map m = {.n = 3000};
+    sh->chunksize = 500;
+    sh->hold_at = 2222;
+    m.in = indexes(m.n);
+    m.out = malloc(m.n * sizeof *m.out);
+    memset(m.out, 0xff, m.n * sizeof *m.out); /* -1: a failed item's slot stays so */
+    m.pool = pool_of(2, 0);
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, map_in_thread, &m), 0);
+    wait_flag(&sh->held, 1);
+    cr_assert_eq(pp_terminate(m.pool), 0);
+    pthread_join(t, NULL);
+    cr_expect_eq(m.rc, PP_ECLOSED, "rc %d", m.rc);
+    cr_expect_leq(m.err.index, 2222);
+    size_t kept = 0, untouched = 0;
+    for (size_t i = 0; i < m.n; i++) {
+        kept += m.out[i] == (long)(i * i);
+        untouched += m.out[i] == -1;
+    }
+    cr_expect_eq(kept + untouched, m.n);
+    cr_expect_eq(untouched, m.err.failed, "kept %zu, failed %zu", kept, m.err.failed);
+    cr_expect_eq(m.out[2222], -1);
+    pp_pool_free(m.pool);
+    free(m.in);
+    free(m.out);
 }

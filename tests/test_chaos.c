@@ -1,6 +1,6 @@
 /*
- * Chaos: 200,000 items through pp_map, pp_imap_unordered and pp_apply_async
- * (the last under SIGKILL only) while another
+ * Chaos: 200,000 items through pp_map, pp_imap_unordered, pp_map_batch and
+ * pp_apply_async (the last two under SIGKILL only) while another
  * thread SIGKILLs random workers 200 times, or freezes them with SIGSTOP
  * under task_timeout. Every item comes back exactly once, with its correct
  * result or charged to a fault; no more charged items than faults; the pool
@@ -419,6 +419,71 @@ static void apply_async_under(int mode, double timeout, int code)
     pp_pool_free(pool);
 }
 
+/* The same items through pp_map_batch: each call publishes its pid while it
+ * runs its run through the gate. A kill inside a call of several items
+ * charges nothing and runs the call's items again one per call, so here an
+ * item may start twice (it still ends once); a kill in such a one-item call
+ * charges its item, as in map_under. */
+static int batch_task(const void *args, void *results, size_t count)
+{
+    const uint64_t *in = args;
+    uint64_t *out = results;
+    int id = pp_worker_id();
+    atomic_store(&C->in_task[id], getpid());
+    for (size_t k = 0; k < count; k++) {
+        atomic_fetch_add(&C->started[in[k]], 1);
+        wait_gate((int)(in[k] * (uint64_t)(C->faults + 1) / C->n));
+        out[k] = expect(in[k]);
+    }
+    atomic_store(&C->in_task[id], 0);
+    return 0;
+}
+
+static void batch_map_under_kills(void)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = W});
+    cr_assert_not_null(pool);
+    pp_stats before, st;
+    pp_pool_stats(pool, &before);
+    uint64_t *out = malloc(N * sizeof *out);
+    memset(out, 0xff, N * sizeof *out);
+    pthread_t t;
+    struct striker s;
+    double t0 = now_s();
+    start_striker(&t, &s, MODE_KILL, 0);
+    pp_error err;
+    int rc = pp_map_batch(pool, batch_task, args, N, sizeof *args, out, sizeof *out, 0, &err);
+    stop_striker(t);
+    double took = now_s() - t0;
+    size_t failed = 0, lowest = SIZE_MAX, restarted = 0;
+    for (size_t i = 0; i < N; i++) {
+        restarted += atomic_load(&C->started[i]) > 1;
+        if (out[i] == ~(uint64_t)0) {
+            failed++;
+            lowest = lowest == SIZE_MAX ? i : lowest;
+            continue;
+        }
+        cr_assert_eq(out[i], expect(i), "item %zu: wrong result", i);
+        cr_assert_geq(atomic_load(&C->started[i]), 1, "item %zu ran but never started?", i);
+    }
+    cr_assert_eq(s.strikes, FAULTS, "strikes %d", s.strikes);
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.crashed - before.crashed, failed);
+    cr_assert_eq(st.completed - before.completed, N - failed);
+    cr_assert_leq(failed, (size_t)s.strikes);
+    cr_assert_eq(rc, failed ? PP_ECRASH : 0, "rc %d", rc);
+    if (failed) {
+        cr_assert_eq(err.index, lowest);
+        cr_assert_eq(err.failed, failed);
+    }
+    fprintf(stderr,
+            "chaos map_batch SIGKILL: %d faults, %zu charged, %zu items started again, %.1f s\n",
+            s.strikes, failed, restarted, took);
+    assert_whole(pool, &before, s.strikes, failed);
+    free(out);
+    pp_pool_free(pool);
+}
+
 #define STOP_TIMEOUT 0.25
 
 Test(chaos, map_200k_items_200_sigkills, .init = setup, .fini = teardown,
@@ -443,6 +508,12 @@ Test(chaos, imap_unordered_200k_items_200_sigstops_time_out, .init = setup, .fin
      .timeout = PP_TEST_TIMEOUT(240))
 {
     imap_under(MODE_STOP, STOP_TIMEOUT, PP_ETIMEOUT);
+}
+
+Test(chaos, map_batch_200k_items_200_sigkills, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(240))
+{
+    batch_map_under_kills();
 }
 
 Test(chaos, apply_async_200k_jobs_200_sigkills, .init = setup, .fini = teardown,
