@@ -124,10 +124,12 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
 }
 
 /* A batch task's worker died inside the call that began at item k, which
- * held items [k, k + d->run) (fewer where the tail was taken back). The items before k finished;
- * the call's items run again one per call, so that a death among them names its item, and the rest
- * of the entry runs again as before. Nothing is charged: which item of the call caused the death is
- * not known. A call of one item is settled as any task's. Returns true if an item was charged. */
+ * held items [k, k + d->run) (fewer where the tail was taken back). The
+ * items before k finished; the call's items run again one per call, so
+ * that a death among them names its item, and the rest of the entry runs
+ * again as before. Nothing is charged: which item of the call caused the
+ * death is not known. A call of one item is settled as any task's. Returns
+ * true if an item was charged. */
 static bool settle_batch(pp_pool *pool, struct pp_dealt *d, uint32_t k, int code, int st,
                          const char *why)
 {

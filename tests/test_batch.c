@@ -191,47 +191,41 @@ Test(batch, a_failing_call_fails_its_run_and_nothing_else)
     free(out);
 }
 
-/* The item that kills its worker fails alone, though it ran inside a call of
- * many: the call's other items run again, one per call. */
-Test(batch, a_crash_fails_only_the_item_that_crashes)
+/* Maps n items (chunks of `chunksize`, 2 workers) through square_run, with
+ * item `bad` made to crash or hang by the caller, and expects that item
+ * alone to fail, with `code`, though it ran inside a call of many: the
+ * call's other items ran again, one per call, and every result is whole. */
+static void expect_only(long bad, int code, size_t n, size_t chunksize, double timeout)
 {
-    size_t n = 20000;
-    sh->chunksize = 2000;
-    sh->crash_at = 5003; /* inside a run of 125, not its first */
+    sh->chunksize = chunksize;
     long *in = indexes(n), *out = calloc(n, sizeof *out);
-    pp_pool *pool = pool_of(2, 0);
+    pp_pool *pool = pool_of(2, timeout);
     pp_error err;
-    cr_assert_eq(pp_map_batch(pool, square_run, in, n, sizeof *in, out, sizeof *out, 2000, &err),
-                 PP_ECRASH);
-    cr_expect_eq(err.index, 5003);
+    cr_assert_eq(
+        pp_map_batch(pool, square_run, in, n, sizeof *in, out, sizeof *out, chunksize, &err), code);
+    cr_expect_eq(err.index, (size_t)bad);
     cr_expect_eq(err.failed, 1);
     cr_expect_eq(err.status, SIGKILL);
-    cr_expect_eq(wrong(out, n, 5003, 5004), 0);
+    cr_expect_eq(wrong(out, n, bad, bad + 1), 0);
     pp_stats st;
     cr_assert_eq(pp_pool_stats(pool, &st), 0);
-    cr_expect_eq(st.crashed, 1);
+    cr_expect_eq(code == PP_ECRASH ? st.crashed : st.timed_out, 1);
     cr_expect_eq(st.completed, n - 1);
     pp_pool_free(pool);
     free(in);
     free(out);
 }
 
+Test(batch, a_crash_fails_only_the_item_that_crashes)
+{
+    sh->crash_at = 5003; /* inside a run of 125, not its first */
+    expect_only(5003, PP_ECRASH, 20000, 2000, 0);
+}
+
 Test(batch, a_call_past_task_timeout_fails_only_the_item_that_hangs)
 {
-    size_t n = 4000;
-    sh->chunksize = 1000;
-    sh->hang_at = 2500;
-    long *in = indexes(n), *out = calloc(n, sizeof *out);
-    pp_pool *pool = pool_of(2, 0.3);
-    pp_error err;
-    cr_assert_eq(pp_map_batch(pool, square_run, in, n, sizeof *in, out, sizeof *out, 1000, &err),
-                 PP_ETIMEOUT);
-    cr_expect_eq(err.index, 2500);
-    cr_expect_eq(err.failed, 1);
-    cr_expect_eq(wrong(out, n, 2500, 2501), 0);
-    pp_pool_free(pool);
-    free(in);
-    free(out);
+    sh->hang_at = 2500; /* inside a run of 63 */
+    expect_only(2500, PP_ETIMEOUT, 4000, 1000, 0.3);
 }
 
 Test(batch, a_write_past_the_chunk_fails_the_chunk_with_eoverflow)
