@@ -262,9 +262,9 @@ PP_API pp_iter *pp_imap_source(pp_pool *pool, pp_fn *fn, pp_source *source, void
 /* A batch task: runs `count` (>= 1) consecutive items of a map in one call.
  * Their arguments are at `args` (count * arg_size bytes), their results go
  * to `results` (count * result_size zeroed bytes); each is NULL when its
- * size is 0. 0 = every item of the call succeeded; any other value fails
- * every item of the call (PP_ETASK, status = that value, the message from
- * pp_fail). */
+ * size is 0. 0 = every item of the call succeeded, but those failed with
+ * pp_fail_item; any other value fails every item of the call (PP_ETASK,
+ * status = that value, the message from pp_fail). */
 typedef int pp_batch_fn(const void *args, void *results, size_t count);
 /* pp_map and pp_map_async with a batch task, for items of a few nanoseconds:
  * the loop over them is the task's own (no call per item, and the compiler
@@ -278,6 +278,12 @@ typedef int pp_batch_fn(const void *args, void *results, size_t count);
  * A write past the results is caught for the chunk, not for the call: the
  * items of the chunk not copied back yet fail -EOVERFLOW. Same arguments,
  * return values and errors as pp_map and pp_map_async. */
+/* Inside a batch task: item k of its call (0 <= k < count) fails with
+ * `status` (non-zero) and this message, while the call's other items keep
+ * their results if the call returns 0 (if it returns non-zero, they fail
+ * with that). Returns `status`. Ignored for k out of range or status 0,
+ * and outside a batch task, where it only returns `status`. */
+PP_API int pp_fail_item(size_t k, int status, const char *fmt, ...) PP_PRINTF(3, 4);
 PP_API int pp_map_batch(pp_pool *pool, pp_batch_fn *fn, const void *args, size_t n, size_t arg_size,
                         void *results, size_t result_size, size_t chunksize, pp_error *err);
 PP_API pp_async *pp_map_batch_async(pp_pool *pool, pp_batch_fn *fn, const void *args, size_t n,

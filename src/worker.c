@@ -49,6 +49,49 @@ PP_API int pp_fail(int status, const char *fmt, ...)
     return status;
 }
 
+/* The items of the running batch call that pp_fail_item failed, in the
+ * order it was called; emptied before each call. `lost`: a failure that
+ * could not be recorded (no memory), which then fails the whole call. */
+struct item_fail {
+    uint32_t k, order;
+    int status;
+    char text[PP_MSG_TEXT];
+};
+static struct {
+    struct item_fail *v;
+    uint32_t n, cap;
+    size_t count; /* items of the batch call running now; 0 outside one */
+    int lost;
+} item_fails;
+
+PP_API int pp_fail_item(size_t k, int status, const char *fmt, ...)
+{
+    if (worker_id < 0 || k >= item_fails.count || status == 0)
+        return status;
+    if (item_fails.n == item_fails.cap) {
+        uint32_t cap = item_fails.cap ? item_fails.cap * 2 : 16;
+        struct item_fail *v = realloc(item_fails.v, cap * sizeof *v);
+        if (v == NULL) {
+            item_fails.lost = status;
+            return status;
+        }
+        item_fails.v = v;
+        item_fails.cap = cap;
+    }
+    struct item_fail *f = &item_fails.v[item_fails.n];
+    *f = (struct item_fail){.k = (uint32_t)k, .order = item_fails.n, .status = status};
+    if (fmt != NULL) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(f->text, sizeof f->text, fmt, ap);
+        va_end(ap);
+    } else {
+        snprintf(f->text, sizeof f->text, "item failed with status %d", status);
+    }
+    item_fails.n++;
+    return status;
+}
+
 PP_API bool pp_task_should_stop(void)
 {
     if (current_slot == NULL)
@@ -316,12 +359,46 @@ static uint32_t run_checked(const struct pp_worker_cfg *cfg, struct pp_slot *s,
     }
 }
 
+static int by_item(const void *a, const void *b)
+{
+    const struct item_fail *x = a, *y = b;
+    if (x->k != y->k)
+        return x->k < y->k ? -1 : 1;
+    return x->order < y->order ? -1 : x->order > y->order;
+}
+
+/* Posts the failures of the batch call that ran items [from, end) of the
+ * entry at `head` and returned rc, in item order: the items pp_fail_item
+ * named (the first failure named for an item counts), and every other item
+ * of the call if rc is not 0 (or a failure could not be recorded). */
+static void post_call_failures(const struct pp_worker_cfg *cfg, struct pp_slot *s, uint32_t head,
+                               uint32_t from, uint32_t end, int rc)
+{
+    char text[PP_MSG_TEXT];
+    if (rc != 0)
+        failure_text(text, rc);
+    else if ((rc = item_fails.lost) != 0)
+        snprintf(text, sizeof text,
+                 "an item of this call failed with status %d; out of memory to say which", rc);
+    if (item_fails.n > 1) /* v is NULL until the first */
+        qsort(item_fails.v, item_fails.n, sizeof *item_fails.v, by_item);
+    const struct item_fail *v = item_fails.v;
+    uint32_t j = 0;
+    for (uint32_t k = 0; k < end - from; k++) {
+        while (j < item_fails.n && v[j].k < k)
+            j++;
+        if (j < item_fails.n && v[j].k == k)
+            post(cfg, s, PP_MSG_FAIL, head, from + k, v[j].status, v[j].text);
+        else if (rc != 0)
+            post(cfg, s, PP_MSG_FAIL, head, from + k, rc, text);
+    }
+}
+
 /* Runs a batch task's entry (pp_map_batch): one call for each run of items
  * claimed together, a sixteenth of the entry as in run_claimed, or one per
  * item when the parent dealt it so after a death inside a call. The slot
  * names the first item of the call: if the worker dies in it, the items
- * before it are known finished. A call that fails fails every item of its
- * run, one FAIL message each, in order. Returns how many items ran here. */
+ * before it are known finished. Returns how many items ran here. */
 static uint32_t run_batch(const struct pp_worker_cfg *cfg, struct pp_slot *s,
                           struct pp_desc *shared, const struct pp_desc *d, pp_batch_fn *fn,
                           uint32_t head)
@@ -334,14 +411,14 @@ static uint32_t run_batch(const struct pp_worker_cfg *cfg, struct pp_slot *s,
     uint32_t i = 0, end;
     for (; i < count && (end = claim_items(&shared->claim, d, i, step)) != i; i = end) {
         begin_item(cfg, s, i, cfg->timing);
+        item_fails.n = 0;
+        item_fails.lost = 0;
+        item_fails.count = end - i;
         int rc =
             fn(args ? args + (size_t)i * as : NULL, res ? res + (size_t)i * rs : NULL, end - i);
-        if (rc == 0)
-            continue;
-        char text[PP_MSG_TEXT];
-        failure_text(text, rc);
-        for (uint32_t k = i; k < end; k++)
-            post(cfg, s, PP_MSG_FAIL, head, k, rc, text);
+        item_fails.count = 0;
+        if (rc != 0 || item_fails.n != 0 || item_fails.lost != 0)
+            post_call_failures(cfg, s, head, i, end, rc);
     }
     return i;
 }

@@ -358,3 +358,64 @@ Test(batch, terminate_ends_a_blocked_batch_map_with_eclosed)
     free(m.in);
     free(m.out);
 }
+
+/* Fails every item that is a multiple of 7, named from the last to the
+ * first, each named twice (the first failure named counts); a name out of
+ * range and a status of 0 are ignored. The call itself succeeds. */
+static int fail_sevens(const void *args, void *results, size_t count)
+{
+    const long *in = args;
+    long *out = results;
+    for (size_t k = count; k-- > 0;) {
+        if (in[k] % 7 != 0) {
+            out[k] = in[k] * in[k];
+            continue;
+        }
+        cr_assert_eq(pp_fail_item(k, 3, "item %ld", in[k]), 3);
+        pp_fail_item(k, 4, "named again");
+    }
+    pp_fail_item(count, 9, "out of range");
+    pp_fail_item(0, 0, "status 0");
+    return 0;
+}
+
+Test(batch, pp_fail_item_fails_the_items_it_names_and_no_other)
+{
+    size_t n = 10000;
+    long *in = indexes(n), *out = malloc(n * sizeof *out);
+    memset(out, 0xff, n * sizeof *out);
+    pp_pool *pool = pool_of(2, 0);
+    pp_error err;
+    cr_assert_eq(pp_map_batch(pool, fail_sevens, in, n, sizeof *in, out, sizeof *out, 1000, &err),
+                 PP_ETASK);
+    cr_expect_eq(err.index, 0);
+    cr_expect_eq(err.status, 3);
+    cr_expect_str_eq(err.message, "item 0");
+    cr_expect_eq(err.failed, (n + 6) / 7);
+    for (size_t i = 0; i < n; i++)
+        cr_expect_eq(out[i], i % 7 ? (long)(i * i) : -1, "item %zu: %ld", i, out[i]);
+    pp_stats st;
+    cr_assert_eq(pp_pool_stats(pool, &st), 0);
+    cr_expect_eq(st.failed, (n + 6) / 7);
+    cr_expect_eq(st.completed, n - (n + 6) / 7);
+    pp_pool_free(pool);
+    free(in);
+    free(out);
+}
+
+/* A per-item task: pp_fail_item names nothing there. */
+static int fail_item_outside_batch(const void *arg, void *result)
+{
+    *(long *)result = pp_fail_item(0, 3, "not a batch call") == 3 ? *(const long *)arg : -1;
+    return 0;
+}
+
+Test(batch, pp_fail_item_outside_a_batch_task_only_returns_its_status)
+{
+    long x = 42, r = 0;
+    cr_expect_eq(pp_fail_item(0, 5, "in the parent"), 5);
+    pp_pool *pool = pool_of(1, 0);
+    cr_expect_eq(pp_apply(pool, fail_item_outside_batch, &x, sizeof x, &r, sizeof r, NULL), 0);
+    cr_expect_eq(r, 42);
+    pp_pool_free(pool);
+}
