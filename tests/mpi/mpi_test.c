@@ -108,7 +108,7 @@ static int slow_on_rank1(const void *arg, void *result)
 }
 
 /* A batch task (pp_map_batch): item 777 kills its worker, item 1500 fails
- * its whole run. */
+ * its whole run, item 2500 fails alone (pp_fail_item). */
 static int square_run(const void *args, void *results, size_t count)
 {
     const long *in = args;
@@ -117,7 +117,10 @@ static int square_run(const void *args, void *results, size_t count)
             raise(SIGKILL);
         if (in[k] == 1500)
             return pp_fail(9, "bad run on rank %d", env_rank());
-        square(in + k, (struct out *)results + k);
+        if (in[k] == 2500)
+            pp_fail_item(k, 11, "bad item on rank %d", env_rank());
+        else
+            square(in + k, (struct out *)results + k);
     }
     return 0;
 }
@@ -183,13 +186,15 @@ static void t_batch(pp_pool *pool)
     check_squares(o, 700, "map_batch");
     memset(o, 0, n * sizeof *o);
     /* The death fails item 777 alone (its serving rank runs the rest of
-     * that call again one by one); the failed run fails as a whole. */
+     * that call again one by one); the failed run fails as a whole, and
+     * item 2500 alone. */
     CHECK(pp_map_batch(pool, square_run, in, n, sizeof *in, o, sizeof *o, 250, &err) == PP_ECRASH);
-    CHECK(err.index == 777 && err.failed >= 2 && err.failed <= 251);
+    CHECK(err.index == 777 && err.failed >= 3 && err.failed <= 252);
     size_t bad = 0;
     for (size_t i = 0; i < n; i++)
         bad += o[i].value != (long)(i * i) || o[i].rank <= 0;
-    CHECK(bad == err.failed && o[777].rank == 0 && o[1500].rank == 0);
+    CHECK(bad == err.failed && o[777].rank == 0 && o[1500].rank == 0 && o[2500].rank == 0);
+    CHECK(o[2499].rank > 0 && o[2501].rank > 0);
     free(in);
     free(o);
 }
