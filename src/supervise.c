@@ -134,20 +134,17 @@ static bool settle_batch(pp_pool *pool, struct pp_dealt *d, uint32_t k, int code
                          const char *why)
 {
     struct pp_piece *p = &d->piece;
-    struct pp_job *job = p->job;
     uint32_t end = p->count - k > d->run ? k + d->run : p->count;
     if (end - k <= 1)
         return settle_running(pool, d, k, code, st, why);
-    pp__copy_out(d, d->copied, k, d->res_addr);
-    if (!job->complete) {
-        pp__resolve_ok(job, k - d->nfail - d->nok);
-        if (p->rec != NULL)
-            pp__iter_ok(p->rec, p->start, k);
-    }
-    if (end < p->count) /* pushed first: the ring keeps input order */
+    if (end < p->count) { /* pushed first: the ring keeps input order */
         requeue_part(pool, p, end, p->count - end, false);
-    requeue_part(pool, p, k, end - k, true);
-    pp__job_settle(job);
+        p->count = end; /* the entry ends with the call, as give_back_tail ends it */
+    }
+    pp__copy_out(d, d->copied, k, d->res_addr);
+    d->copied = k;
+    p->one_by_one = true;
+    pp__keep_finished(pool, d); /* keeps [0, k), requeues [k, end) one by one */
     return false;
 }
 

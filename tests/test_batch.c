@@ -105,8 +105,11 @@ Test(batch, every_item_runs_once_in_runs_inside_its_chunk)
     cr_expect_eq(wrong(out, n, 0, 0), 0);
     cr_expect_eq(atomic_load(&sh->items), (long)n, "each item once: %ld", atomic_load(&sh->items));
     cr_expect_eq(atomic_load(&sh->runs_across_chunks), 0);
-    /* 101 chunks of at most 16 runs: far fewer calls than items. */
-    cr_expect_leq(atomic_load(&sh->calls), 101 * 16, "%ld calls", atomic_load(&sh->calls));
+    /* 100 chunks of 16 runs and one of 3 items (runs of one), more where an
+     * idle worker took a tail, which then runs in sixteenths of its own:
+     * still far fewer calls than items. */
+    cr_expect_geq(atomic_load(&sh->calls), 100 * 16 + 3, "%ld calls", atomic_load(&sh->calls));
+    cr_expect_leq(atomic_load(&sh->calls), (long)n / 8, "%ld calls", atomic_load(&sh->calls));
     pp_pool_free(pool);
     free(in);
     free(out);
