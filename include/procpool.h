@@ -266,24 +266,25 @@ PP_API pp_iter *pp_imap_source(pp_pool *pool, pp_fn *fn, pp_source *source, void
  * pp_fail_item; any other value fails every item of the call (PP_ETASK,
  * status = that value, the message from pp_fail). */
 typedef int pp_batch_fn(const void *args, void *results, size_t count);
-/* pp_map and pp_map_async with a batch task, for items of a few nanoseconds:
- * the loop over them is the task's own (no call per item, and the compiler
- * may vectorize it). Each call gets a run of consecutive items of one chunk,
- * at most chunksize of them; fewer where part of a chunk is left to an idle
- * worker. task_timeout and the soft limit count per call. A worker that
- * dies inside a call, or is killed for its time limit: the items of that
- * call run again one per call (those that had finished run twice: a batch
- * task's items must be safe to repeat), so that a crash or a timeout fails
- * the one item that causes it on its own, and no other.
- * A write past the results is caught for the chunk, not for the call: the
- * items of the chunk not copied back yet fail -EOVERFLOW. Same arguments,
- * return values and errors as pp_map and pp_map_async. */
 /* Inside a batch task: item k of its call (0 <= k < count) fails with
  * `status` (non-zero) and this message, while the call's other items keep
  * their results if the call returns 0 (if it returns non-zero, they fail
  * with that). Returns `status`. Ignored for k out of range or status 0,
  * and outside a batch task, where it only returns `status`. */
 PP_API int pp_fail_item(size_t k, int status, const char *fmt, ...) PP_PRINTF(3, 4);
+/* pp_map and pp_map_async with a batch task, for items of a few nanoseconds:
+ * the loop over them is the task's own (no call per item, and the compiler
+ * may vectorize it). Each call gets a run of consecutive items of one chunk,
+ * a sixteenth of it (rounded up); fewer where an idle worker took the rest
+ * of a chunk, which then runs in sixteenths of its own. task_timeout and
+ * the soft limit count per call. A worker that dies inside a call, or is
+ * killed for its time limit: the items of that call run again one per call
+ * (those that had finished run twice: a batch task's items must be safe to
+ * repeat), so that a crash or a timeout fails the one item that causes it
+ * on its own, and no other. A write past the results is caught for the
+ * chunk, not for the call: the items of the chunk not copied back yet fail
+ * -EOVERFLOW. Same arguments, return values and errors as pp_map and
+ * pp_map_async. */
 PP_API int pp_map_batch(pp_pool *pool, pp_batch_fn *fn, const void *args, size_t n, size_t arg_size,
                         void *results, size_t result_size, size_t chunksize, pp_error *err);
 PP_API pp_async *pp_map_batch_async(pp_pool *pool, pp_batch_fn *fn, const void *args, size_t n,
