@@ -70,7 +70,8 @@ PP_API int pp_fail_item(size_t k, int status, const char *fmt, ...)
         return status;
     if (item_fails.n == item_fails.cap) {
         uint32_t cap = item_fails.cap ? item_fails.cap * 2 : 16;
-        struct item_fail *v = realloc(item_fails.v, cap * sizeof *v);
+        struct item_fail *v = /* a doubling that wraps is no room either */
+            cap > item_fails.cap ? realloc(item_fails.v, cap * sizeof *v) : NULL;
         if (v == NULL) {
             item_fails.lost = status;
             return status;
