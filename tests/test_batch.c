@@ -7,8 +7,10 @@
 #include <pthread.h>
 #include <procpool.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 /* What the tasks record, in the arena (seen by spawned workers too). */
@@ -19,7 +21,8 @@ struct shared {
     _Atomic int bad_count;
     size_t chunksize;
     long crash_at, hang_at, fail_at, overrun_at, hold_at;
-    _Atomic int held; /* calls holding at hold_at */
+    _Atomic int held;        /* calls holding at hold_at */
+    _Atomic int limit_loose; /* RLIMIT_DATA did not stop an allocation */
 };
 #define sh (*(struct shared **)test_global("sh"))
 
@@ -401,6 +404,94 @@ Test(batch, pp_fail_item_fails_the_items_it_names_and_no_other)
     cr_assert_eq(pp_pool_stats(pool, &st), 0);
     cr_expect_eq(st.failed, (n + 6) / 7);
     cr_expect_eq(st.completed, n - (n + 6) / 7);
+    pp_pool_free(pool);
+    free(in);
+    free(out);
+}
+
+/* The bytes of private writable memory this process has mapped (VmData),
+ * which RLIMIT_DATA bounds; 0 if unknown. */
+static rlim_t data_in_use(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    unsigned long long kb = 0;
+    while (f != NULL && fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "VmData: %llu kB", &kb) == 1)
+            break;
+    if (f != NULL)
+        fclose(f);
+    return (rlim_t)kb * 1024;
+}
+
+/* Names every item of its call as failed while the worker has no memory
+ * to spare: RLIMIT_DATA is set just above what it has mapped, and blocks
+ * of 4 KiB are taken until malloc fails, so pp_fail_item cannot start its
+ * list of failures (its first block is larger than what is left). If the
+ * limit stops nothing (64 MiB taken), that is said in limit_loose and
+ * nothing is named. Everything is given back before the call returns. */
+static int fail_all_without_memory(const void *args, void *results, size_t count)
+{
+    (void)args;
+    (void)results;
+    struct rlimit was, low;
+    rlim_t used = data_in_use();
+    if (used == 0 || getrlimit(RLIMIT_DATA, &was) != 0)
+        return 2;
+    low = (struct rlimit){.rlim_cur = used + 64 * 1024, .rlim_max = was.rlim_max};
+    if (was.rlim_cur < low.rlim_cur || setrlimit(RLIMIT_DATA, &low) != 0)
+        return 2;
+    void **taken = NULL; /* a chain through the blocks themselves */
+    int n = 0;
+    for (void **b; n < 16384 && (b = malloc(4096)) != NULL; n++) {
+        *b = taken;
+        taken = b;
+    }
+    if (n == 16384)
+        sh->limit_loose = 1;
+    else
+        for (size_t k = 0; k < count; k++)
+            pp_fail_item(k, 6, "item %zu", k);
+    while (taken != NULL) {
+        void **next = *taken;
+        free(taken);
+        taken = next;
+    }
+    setrlimit(RLIMIT_DATA, &was);
+    return 0;
+}
+
+/* Run without sanitizers (scripts/check-reliability.sh): ASan's allocator
+ * maps memory that RLIMIT_DATA does not count, and its own reports fail to
+ * map under the limit. */
+Test(batch, failures_that_cannot_be_recorded_fail_the_whole_call)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    cr_skip_test("needs glibc's allocator: run in the build without sanitizers");
+#endif
+    size_t n = 2 * 16 * 100; /* two chunks of 16 calls of 100 items */
+    sh->chunksize = n / 2;
+    long *in = indexes(n), *out = malloc(n * sizeof *out);
+    memset(out, 0xff, n * sizeof *out);
+    pp_pool *pool = pool_of(1, 0); /* one worker: no run is split off */
+    pp_error err;
+    int rc = pp_map_batch(pool, fail_all_without_memory, in, n, sizeof *in, out, sizeof *out,
+                          sh->chunksize, &err);
+    if (sh->limit_loose)
+        cr_skip_test("RLIMIT_DATA does not stop an allocation here");
+    cr_assert_eq(rc, PP_ETASK);
+    cr_expect_eq(err.index, 0);
+    cr_expect_eq(err.status, 6);
+    cr_expect_str_eq(err.message,
+                     "an item of this call failed with status 6; out of memory to say which");
+    cr_expect_eq(err.failed, n);
+    for (size_t i = 0; i < n; i++)
+        cr_expect_eq(out[i], -1L, "item %zu: %ld", i, out[i]);
+    pp_stats st;
+    cr_assert_eq(pp_pool_stats(pool, &st), 0);
+    cr_expect_eq(st.failed, n);
+    cr_expect_eq(st.completed, 0);
+    cr_expect_eq(st.crashed, 0);
     pp_pool_free(pool);
     free(in);
     free(out);
