@@ -362,8 +362,9 @@ static size_t round16(size_t n)
  * the worker's CPU, and the fence of the wake-up check for the slowest of
  * them; fetched now, while the caller is away, they are ours by then. W4,
  * 3 x 5 alternating runs on the 2-CPU Xeon VM: 3.50 -> 3.72 M tasks/s (the
- * same with either line alone; 4.0-4.2 M once descriptors had a line each);
- * W2, W3 and W5 unchanged. */
+ * same with either line alone; 4.0-4.2 M once descriptors had a line each;
+ * level in other moments of that VM: docs/performance.md); W2, W3 and W5
+ * unchanged. */
 static void prefetch_next_entry(struct pp_slot *s, uint32_t pos)
 {
     uint32_t i = pos & PP_RING_MASK;
@@ -1340,8 +1341,9 @@ static bool deal_by_books(pp_pool *pool)
      * so the library thread keeps out of its way. The clock is read at
      * every QUICK_PUMPS_PER_CLOCK-th submission only: the vDSO orders its
      * read of the TSC after every load in flight, here the misses on the
-     * lines just posted, and a read per apply_async cost W4 a tenth of its
-     * rate (3.1-3.2 M against 3.5-3.6 M tasks/s on a 2-CPU Xeon VM). A few
+     * lines just posted, and a read per apply_async cost W4 up to a tenth
+     * of its rate (3.1-3.2 M against 3.5-3.6 M tasks/s on a 2-CPU Xeon VM,
+     * in some of its moments: docs/performance.md). A few
      * submissions' lag is nothing to the clocks it serves: an entry
      * unclaimed for PP_UNCLAIMED_NS, a caller idle for PP_CALLER_ACTIVE_NS,
      * QUICK_PUMPS_MAX_NS since the last collect. */
