@@ -216,18 +216,25 @@ int count_mappings(void)
     return n;
 }
 
-long rss_kib(void)
+long status_kib(const char *field)
 {
     FILE *f = fopen("/proc/self/status", "r");
     if (f == NULL)
         return -1;
     char line[256];
+    size_t len = strlen(field);
     long kib = -1;
     while (fgets(line, sizeof line, f))
-        if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+        if (strncmp(line, field, len) == 0 && line[len] == ':' &&
+            sscanf(line + len + 1, "%ld kB", &kib) == 1)
             break;
     fclose(f);
     return kib;
+}
+
+long rss_kib(void)
+{
+    return status_kib("VmRSS");
 }
 
 void *shared_alloc(size_t bytes)

@@ -59,6 +59,7 @@ void flag_wake(_Atomic int *flag);                /* wakes flag_wait_ge sleepers
 int live_children_of(int pid, int *out, int max); /* children that are not zombies */
 int pool_zygote(void);                            /* this process's only child, or -1 */
 int count_mappings(void);                         /* lines of /proc/self/maps */
+long status_kib(const char *field);               /* a "Vm...: N kB" line of /proc/self/status */
 long rss_kib(void);                               /* VmRSS of this process */
 void *shared_alloc(size_t bytes);                 /* MAP_SHARED | MAP_ANONYMOUS, zeroed */
 void shared_release(void *p, size_t bytes);

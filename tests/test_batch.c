@@ -7,7 +7,6 @@
 #include <pthread.h>
 #include <procpool.h>
 #include <signal.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -409,21 +408,6 @@ Test(batch, pp_fail_item_fails_the_items_it_names_and_no_other)
     free(out);
 }
 
-/* The bytes of private writable memory this process has mapped (VmData),
- * which RLIMIT_DATA bounds; 0 if unknown. */
-static rlim_t data_in_use(void)
-{
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
-    unsigned long long kb = 0;
-    while (f != NULL && fgets(line, sizeof line, f) != NULL)
-        if (sscanf(line, "VmData: %llu kB", &kb) == 1)
-            break;
-    if (f != NULL)
-        fclose(f);
-    return (rlim_t)kb * 1024;
-}
-
 /* Names every item of its call as failed while the worker has no memory
  * to spare: RLIMIT_DATA is set just above what it has mapped, and blocks
  * of 4 KiB are taken until malloc fails, so pp_fail_item cannot start its
@@ -436,9 +420,9 @@ static int fail_all_without_memory(const void *args, void *results, size_t count
     (void)args;
     (void)results;
     struct rlimit was, low;
-    rlim_t used = data_in_use();
-    low = (struct rlimit){.rlim_cur = used + 64 * 1024};
-    if (used == 0 || getrlimit(RLIMIT_DATA, &was) != 0 || was.rlim_cur < low.rlim_cur) {
+    long used_kib = status_kib("VmData"); /* private writable memory: what RLIMIT_DATA bounds */
+    low = (struct rlimit){.rlim_cur = (rlim_t)used_kib * 1024 + 64 * 1024};
+    if (used_kib <= 0 || getrlimit(RLIMIT_DATA, &was) != 0 || was.rlim_cur < low.rlim_cur) {
         sh->limit_loose = 1; /* a limit already lower than ours: not this test's ground */
         return 0;
     }
