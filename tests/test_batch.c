@@ -21,7 +21,7 @@ struct shared {
     size_t chunksize;
     long crash_at, hang_at, fail_at, overrun_at, hold_at;
     _Atomic int held;        /* calls holding at hold_at */
-    _Atomic int limit_loose; /* RLIMIT_DATA did not stop an allocation */
+    _Atomic int limit_loose; /* RLIMIT_DATA could not be set, or stopped nothing */
 };
 #define sh (*(struct shared **)test_global("sh"))
 
