@@ -1050,6 +1050,23 @@ void pp__piece_done(pp_pool *pool, struct pp_piece *p, const unsigned char *res,
 
 /* ---- failing what is pending ---------------------------------------------- */
 
+/* Ends a dealt entry that will not finish: the items before `copied` did
+ * (each FAIL message copied the results before it and resolved its own
+ * item), the rest fail with `code`. */
+static void fail_unfinished(struct pp_dealt *d, int code, const char *why)
+{
+    struct pp_piece *p = &d->piece;
+    if (d->copied > 0 && !p->job->complete) {
+        pp__resolve_ok(p->job, d->copied - d->nfail - d->nok);
+        if (p->rec != NULL)
+            pp__iter_ok(p->rec, p->start, d->copied);
+    }
+    struct pp_piece rest = *p;
+    rest.start += d->copied;
+    rest.count -= d->copied;
+    pp__fail_piece(&rest, 0, code, why);
+}
+
 /* Fails the unresolved items of every dealt entry. The entries stay, abandoned, until their workers
  * answer or die: only then are their payload blocks free for reuse. */
 static void abandon_dealt(pp_pool *pool, int code, const char *why)
@@ -1060,7 +1077,7 @@ static void abandon_dealt(pp_pool *pool, int code, const char *why)
             struct pp_dealt *d = &w->dealt[pos & PP_RING_MASK];
             if (d->done || d->withdrawn || d->abandoned)
                 continue;
-            pp__fail_piece(&d->piece, d->nfail, code, why);
+            fail_unfinished(d, code, why);
             d->abandoned = true;
             pp__job_settle(d->piece.job);
         }
@@ -1125,7 +1142,7 @@ static void withdraw_job(pp_pool *pool, struct pp_job *job)
             }
             d->withdrawn = true;
             pp__payload_free(&pool->payload, &d->extent);
-            pp__fail_piece(&d->piece, d->nfail, PP_ECANCELED, "cancelled");
+            fail_unfinished(d, PP_ECANCELED, "cancelled");
             pp__piece_release(pool, &d->piece);
         }
     }

@@ -294,6 +294,14 @@ static int refill(struct pp_iter *it)
             it->dhead = rec;
         it->dtail = rec;
         it->undealt += got;
+        if (pool->terminated || pool->broken) {
+            /* It happened while the source ran: what was pending failed
+             * then, and these items must fail too, or they never end. */
+            pp__iter_fail_undealt(it, pool->terminated ? PP_ECLOSED : PP_ESPAWN,
+                                  pool->terminated ? "the pool was terminated"
+                                                   : "the pool can no longer run tasks");
+            continue; /* the loop's test ends the source */
+        }
         pp__enqueue(pool, it->job);
         added = true;
     }

@@ -214,6 +214,73 @@ Test(lifecycle, terminate_fails_everything_unfinished, .init = setup, .fini = te
     pp_pool_free(pool);
 }
 
+/* Item 1 fails, item 2 holds until terminate, the others succeed. */
+static int fail_then_hold(const void *arg, void *result)
+{
+    int k = *(const int *)arg;
+    if (k == 1)
+        return pp_fail(5, "item 1 fails");
+    if (k == 2) {
+        atomic_fetch_add(&flags->started, 1);
+        for (;;)
+            pause();
+    }
+    *(long *)result = 100 + k;
+    return 0;
+}
+
+struct map_call {
+    pp_pool *pool;
+    int in[4];
+    long out[4];
+    pp_error err;
+    int rc;
+};
+
+static void *map_fail_then_hold(void *arg)
+{
+    struct map_call *c = arg;
+    c->rc =
+        pp_map(c->pool, fail_then_hold, c->in, 4, sizeof(int), c->out, sizeof(long), 4, &c->err);
+    return NULL;
+}
+
+/* One chunk of four on one worker: item 0 finished, item 1 failed (its
+ * FAIL seen by the parent), item 2 running, item 3 not started when the
+ * pool is terminated. Item 0 keeps its result and counts as completed;
+ * item 1 keeps its own failure, which stays the lowest; 2 and 3 fail
+ * PP_ECLOSED with their slots untouched. */
+Test(lifecycle, terminate_keeps_what_a_chunk_finished_before_a_failure, .init = setup,
+     .fini = teardown, .timeout = PP_TEST_TIMEOUT(30))
+{
+    struct map_call c = {.pool = pp_pool_new(&(pp_options){.workers = 1}),
+                         .in = {0, 1, 2, 3},
+                         .out = {-1, -1, -1, -1}};
+    cr_assert_not_null(c.pool);
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, map_fail_then_hold, &c), 0);
+    wait_flag(&flags->started, 1); /* item 1's FAIL was posted before item 2 began */
+    pp_stats st;
+    do { /* the waiting pp_map collects it */
+        cr_assert_eq(pp_pool_stats(c.pool, &st), 0);
+    } while (st.failed == 0 && usleep(1000) == 0);
+    cr_assert_eq(pp_terminate(c.pool), 0);
+    cr_assert_eq(pthread_join(t, NULL), 0);
+    cr_assert_eq(c.rc, PP_ETASK);
+    cr_assert_eq(c.err.code, PP_ETASK);
+    cr_assert_eq(c.err.index, 1);
+    cr_assert_eq(c.err.status, 5);
+    cr_assert_eq(c.err.failed, 3);
+    cr_assert_eq(c.out[0], 100);
+    cr_assert_eq(c.out[1], -1);
+    cr_assert_eq(c.out[2], -1);
+    cr_assert_eq(c.out[3], -1);
+    cr_assert_eq(pp_pool_stats(c.pool, &st), 0);
+    cr_assert_eq(st.completed, 1);
+    cr_assert_eq(st.failed, 3);
+    pp_pool_free(c.pool);
+}
+
 struct submitter {
     pp_pool *pool;
     int base;

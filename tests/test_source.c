@@ -217,6 +217,39 @@ Test(source, source_may_call_the_pool, .timeout = PP_TEST_TIMEOUT(30))
     pp_pool_free(pool);
 }
 
+/* Item 5 of the input terminates the pool as it is taken: every item, those
+ * taken after it included, fails PP_ECLOSED, and the iteration ends rather
+ * than waiting forever for items nothing will run. */
+static int terminating_source(void *state, void *arg)
+{
+    struct counter *c = state;
+    if (c->next == 5)
+        pp_terminate(c->pool);
+    return counter_source(state, arg);
+}
+
+Test(source, terminate_while_the_source_runs_fails_what_it_gives, .timeout = PP_TEST_TIMEOUT(30))
+{
+    for (int ordered = 0; ordered < 2; ordered++) {
+        pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+        struct counter c = {.end = 12, .caller = pthread_self(), .pool = pool};
+        pp_iter *it = pp_imap_source(pool, triple, terminating_source, &c, sizeof(struct item),
+                                     sizeof(long), 1, 64, ordered);
+        cr_assert_not_null(it);
+        long r;
+        pp_error err;
+        int rc, failed = 0;
+        while ((rc = pp_iter_next(it, &r, NULL, 10, &err)) != 0) {
+            cr_assert_eq(rc, PP_ECLOSED, "%s", pp_strerror(rc));
+            cr_assert_eq(err.code, PP_ECLOSED);
+            failed++;
+        }
+        cr_assert_eq(failed, 12, "every item taken fails, once");
+        pp_iter_free(it);
+        pp_pool_free(pool);
+    }
+}
+
 static int empty_source(void *state, void *arg)
 {
     (void)state;
