@@ -900,14 +900,23 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
 
 /* A started chunk whose running item is unknown: what it finished before
  * its last FAIL is kept, the rest runs again. */
-void pp__keep_finished(pp_pool *pool, struct pp_dealt *d)
+/* The items of an entry before `copied` finished: each FAIL message copied
+ * the results before it and resolved its own item. Resolves the rest of
+ * them. */
+static void keep_copied(struct pp_dealt *d)
 {
     struct pp_piece *p = &d->piece;
-    if (!p->job->complete) { /* results before `copied` were copied at each FAIL */
+    if (!p->job->complete) {
         pp__resolve_ok(p->job, d->copied - d->nfail - d->nok);
         if (p->rec != NULL)
             pp__iter_ok(p->rec, p->start, d->copied);
     }
+}
+
+void pp__keep_finished(pp_pool *pool, struct pp_dealt *d)
+{
+    struct pp_piece *p = &d->piece;
+    keep_copied(d);
     if (d->copied < p->count)
         requeue_from(pool, p, d->copied);
     pp__job_settle(p->job);
@@ -1051,17 +1060,11 @@ void pp__piece_done(pp_pool *pool, struct pp_piece *p, const unsigned char *res,
 /* ---- failing what is pending ---------------------------------------------- */
 
 /* Ends a dealt entry that will not finish: the items before `copied` did
- * (each FAIL message copied the results before it and resolved its own
- * item), the rest fail with `code`. */
+ * (keep_copied), the rest fail with `code`. */
 static void fail_unfinished(struct pp_dealt *d, int code, const char *why)
 {
-    struct pp_piece *p = &d->piece;
-    if (d->copied > 0 && !p->job->complete) {
-        pp__resolve_ok(p->job, d->copied - d->nfail - d->nok);
-        if (p->rec != NULL)
-            pp__iter_ok(p->rec, p->start, d->copied);
-    }
-    struct pp_piece rest = *p;
+    keep_copied(d);
+    struct pp_piece rest = d->piece;
     rest.start += d->copied;
     rest.count -= d->copied;
     pp__fail_piece(&rest, 0, code, why);
