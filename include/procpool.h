@@ -109,13 +109,19 @@ typedef struct pp_options {            /* zero = default, so (pp_options){.worke
  * initarg must be NULL, in the arena, or in a loaded object's static data
  * (else EINVAL). start = 0 reads PROCPOOL_START ("fork" | "spawn"). */
 PP_API pp_pool *pp_pool_new(const pp_options *opts);
-/* No more submissions; queued work still runs. Idempotent. */
+/* No more submissions; queued work still runs, and iterators made before
+ * go on taking items from their input. Idempotent. */
 PP_API int pp_close(pp_pool *pool);
 /* After close/terminate: wait for every task, every callback and every
- * worker to end. -EINVAL before pp_close or pp_terminate. */
+ * worker to end. -EINVAL before pp_close or pp_terminate. After close,
+ * "every task" includes the items an open iterator has not taken yet: join
+ * takes them all (past the window; see pp_imap_source), runs them, and the
+ * iterator hands them back after. Several threads may join at once. */
 PP_API int pp_join(pp_pool *pool);
 /* Stop now: every unfinished task, queued or running, fails PP_ECLOSED, and
- * the workers (with any children they forked) are killed. */
+ * the workers (with any children they forked) are killed. Items an
+ * iterator takes from its input afterwards fail PP_ECLOSED as it takes
+ * them: each still comes back once, in its place. */
 PP_API int pp_terminate(pp_pool *pool);
 /* Terminates and joins if still needed, then releases everything: no
  * process, thread, fd or mapping of the pool remains. Accepts NULL. Every
@@ -253,8 +259,9 @@ PP_API bool pp_task_should_stop(void);
 
 typedef int pp_source(void *state, void *arg); /* fill *arg: 1 = an item, 0 = end   */
 /* At most `window` items taken from the source and not yet handed back.
- * The source is called only from pp_imap_source and pp_iter_next, in the
- * caller's thread. window 0 chooses a default. */
+ * The source is called only from pp_imap_source, pp_iter_next and pp_join
+ * (which takes every item left, the window aside), in the calling thread,
+ * one call at a time. window 0 chooses a default. */
 PP_API pp_iter *pp_imap_source(pp_pool *pool, pp_fn *fn, pp_source *source, void *state,
                                size_t arg_size, size_t result_size, size_t chunksize, size_t window,
                                bool ordered);

@@ -1278,6 +1278,8 @@ static void rouse_if_unheard(pp_pool *pool, int id, int64_t now)
 /* Collects, supervises, deals: lean (pp__pump_lean) or to every worker. */
 static void pump(pp_pool *pool, bool lean)
 {
+    if (pool->ctl == NULL) /* freed: nothing left to watch (an iterator outliving it) */
+        return;
     /* The zygote's socket is read when poll() saw it readable, and now and
      * then while the pool is too busy to poll: no system call per pump. */
     int64_t now = pp__now_ns();

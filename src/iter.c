@@ -47,6 +47,8 @@ struct pp_iter {
     unsigned since_pump; /* items handed back since this iterator last pumped */
     size_t undealt;      /* items in records not dealt yet */
     bool source_done;
+    bool refilling;                    /* a thread runs the source, lock dropped: others wait */
+    bool unbounded;                    /* pp_join takes every item left, the window aside */
     struct pp_chunkrec *head, *tail;   /* records not fully handed back, in order */
     struct pp_chunkrec *dhead, *dtail; /* records not dealt yet */
     struct ready_item *rq;             /* unordered: finished, not handed back */
@@ -221,7 +223,7 @@ static int pull(struct pp_iter *it, unsigned char *dst, size_t idx)
 static bool wants_refill(const struct pp_iter *it)
 {
     size_t out = it->taken - it->returned;
-    return !it->source_done && (out == 0 || out <= it->window / 2);
+    return !it->source_done && (it->unbounded || out == 0 || out <= it->window / 2);
 }
 
 /* Items per record: whole chunks up to REC_ITEMS and REC_BYTES, at least
@@ -238,69 +240,105 @@ static size_t rec_items(const struct pp_iter *it)
     return items < UINT32_MAX ? items : UINT32_MAX;
 }
 
+/* Why the pool runs no more items, or NULL if it does. Items an iterator
+ * takes then fail at once with *code: its caller still gets every item of
+ * the source back, each in its place, and the iteration ends. */
+static const char *intake_refused(const pp_pool *pool, int *code)
+{
+    *code = PP_ECLOSED;
+    if (pool->terminated)
+        return "the pool was terminated";
+    if (pool->quitting)
+        return "the pool was joined before the iterator took this item";
+    *code = PP_ESPAWN;
+    return pool->broken ? "the pool can no longer run tasks" : NULL;
+}
+
+/* Fills rec from the source (the caller's code: never under our lock, and
+ * one thread at a time, pp_join's and the iterator's user's). */
+static uint32_t pull_into(struct pp_iter *it, struct pp_chunkrec *rec, size_t cap)
+{
+    pp_pool *pool = it->pool;
+    size_t a = it->job->arg_size;
+    uint32_t got = 0;
+    if (it->source != NULL) {
+        it->refilling = true;
+        pthread_mutex_unlock(&pool->mu);
+    }
+    while (got < cap) {
+        if (!pull(it, rec->args + got * a, it->taken + got)) {
+            it->source_done = true;
+            break;
+        }
+        got++;
+    }
+    if (it->source != NULL) {
+        pthread_mutex_lock(&pool->mu);
+        it->refilling = false;
+        pthread_cond_broadcast(&pool->cond);
+    }
+    return got;
+}
+
+static void link_rec(struct pp_iter *it, struct pp_chunkrec *rec)
+{
+    box_of(rec)->o.linked = true;
+    rec->prev = it->tail;
+    if (it->tail)
+        it->tail->next = rec;
+    else
+        it->head = rec;
+    it->tail = rec;
+    if (it->dtail)
+        it->dtail->dnext = rec;
+    else
+        it->dhead = rec;
+    it->dtail = rec;
+}
+
+static void wait_refill_done(struct pp_iter *it)
+{
+    while (it->refilling)
+        pthread_cond_wait(&it->pool->cond, &it->pool->mu);
+}
+
 /* Takes items while the window allows, one record at a time. Called with
  * mu held; drops it around the source. */
 static int refill(struct pp_iter *it)
 {
     pp_pool *pool = it->pool;
     bool added = false;
-    if (pool->ctl == NULL) /* the pool was freed: nothing more is taken */
-        it->source_done = true;
+    wait_refill_done(it);
     if (!wants_refill(it))
         return 0;
-    while (!it->source_done && it->taken - it->returned < it->window) {
-        if (pool->terminated || pool->broken) {
-            it->source_done = true;
+    for (;;) {
+        int code;
+        const char *refused = intake_refused(pool, &code);
+        size_t window = it->unbounded && !refused ? SIZE_MAX : it->window;
+        if (it->source_done || it->taken - it->returned >= window)
             break;
-        }
-        size_t room = it->window - (it->taken - it->returned);
+        size_t room = window - (it->taken - it->returned);
         size_t cap = rec_items(it);
         if (cap > room)
             cap = room;
         struct pp_chunkrec *rec = rec_new(it, it->taken, cap);
         if (rec == NULL)
             return -ENOMEM;
-        size_t a = it->job->arg_size;
-        uint32_t got = 0;
-        if (it->source != NULL) /* user code: never under our lock */
-            pthread_mutex_unlock(&pool->mu);
-        while (got < cap) {
-            if (!pull(it, rec->args + got * a, it->taken + got)) {
-                it->source_done = true;
-                break;
-            }
-            got++;
-        }
-        if (it->source != NULL)
-            pthread_mutex_lock(&pool->mu);
+        uint32_t got = pull_into(it, rec, cap);
         if (got == 0) {
             rec_free(rec);
             break;
         }
         rec->count = rec->unreturned = got;
-        box_of(rec)->o.linked = true;
         it->taken += got;
         it->job->n += got;
-        pool->stats.submitted += got;
-        rec->prev = it->tail;
-        if (it->tail)
-            it->tail->next = rec;
-        else
-            it->head = rec;
-        it->tail = rec;
-        if (it->dtail)
-            it->dtail->dnext = rec;
-        else
-            it->dhead = rec;
-        it->dtail = rec;
         it->undealt += got;
-        if (pool->terminated || pool->broken) {
-            /* It happened while the source ran: what was pending failed
-             * then, and these items must fail too, or they never end. */
-            pp__iter_fail_undealt(it, pool->terminated ? PP_ECLOSED : PP_ESPAWN,
-                                  pool->terminated ? "the pool was terminated"
-                                                   : "the pool can no longer run tasks");
-            continue; /* the loop's test ends the source */
+        pool->stats.submitted += got;
+        link_rec(it, rec);
+        /* Asked again: the pool may have stopped while the source ran. */
+        if ((refused = intake_refused(pool, &code)) != NULL) {
+            pp__iter_fail_undealt(it, code, refused);
+            continue;
         }
         pp__enqueue(pool, it->job);
         added = true;
@@ -308,6 +346,24 @@ static int refill(struct pp_iter *it)
     if (added)
         pp__pump_lean(pool);
     return 0;
+}
+
+void pp__iter_take_rest(pp_pool *pool)
+{
+    for (;;) {
+        struct pp_iter *it = NULL;
+        for (struct pp_job *job = pool->all; job != NULL && it == NULL; job = job->anext)
+            if (job->iter != NULL && !job->iter->unbounded && !job->iter->source_done)
+                it = job->iter;
+        if (it == NULL)
+            return;
+        if (it->refilling) { /* its user runs the source: look again after */
+            pthread_cond_wait(&pool->cond, &pool->mu);
+            continue;
+        }
+        it->unbounded = true;
+        (void)refill(it); /* -ENOMEM: what is left fails when the caller gets there */
+    }
 }
 
 /* ---- handing items back ------------------------------------------------------------ */
@@ -562,6 +618,7 @@ PP_API void pp_iter_free(pp_iter *it)
         return;
     pp_pool *pool = it->pool;
     pthread_mutex_lock(&pool->mu);
+    wait_refill_done(it); /* pp_join may be taking its items */
     struct pp_job *job = it->job;
     if (pool->ctl != NULL) /* what runs now finishes, and counts as cancelled */
         pp__job_cancel_queued(job);

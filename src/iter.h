@@ -41,6 +41,9 @@ void pp__iter_fail(struct pp_chunkrec *rec, size_t index, const pp_error *err);
 size_t pp__iter_undealt(const struct pp_iter *it);
 /* Frees rec if every item was handed back and no piece refers to it. */
 void pp__iter_rec_maybe_free(struct pp_chunkrec *rec);
+/* pp_join: every open iterator takes the rest of its items, the window
+ * aside, so that they run before the workers go. May drop mu. */
+void pp__iter_take_rest(pp_pool *pool);
 /* Undealt chunks fail with `code` (terminate, crash loop). */
 void pp__iter_fail_undealt(struct pp_iter *it, int code, const char *why);
 

@@ -831,12 +831,17 @@ PP_API int pp_join(pp_pool *pool)
         pthread_mutex_unlock(&pool->mu);
         return -EDEADLK; /* a callback cannot wait for every callback to end */
     }
-    if (pool->joined) {
+    if (pool->joining) { /* another thread joins: its end is ours */
+        while (!pool->joined)
+            pthread_cond_wait(&pool->cond, &pool->mu);
         pthread_mutex_unlock(&pool->mu);
         return 0;
     }
-    if (!pool->terminated && !pool->broken)
+    pool->joining = true;
+    if (!pool->terminated && !pool->broken) {
+        pp__iter_take_rest(pool); /* "every task" includes what iterators have yet to take */
         pp__wait(pool, drained, pool, PP_FOREVER);
+    }
     if (pool->mpi != NULL)
         pp__mpi_stop(pool); /* every rank is told to end, and has answered */
     pool->quitting = true;
@@ -871,6 +876,7 @@ PP_API int pp_join(pp_pool *pool)
     pthread_mutex_lock(&pool->mu);
     pool->zygote = 0;
     pool->joined = true;
+    pthread_cond_broadcast(&pool->cond);
     pthread_mutex_unlock(&pool->mu);
     return 0;
 }

@@ -162,7 +162,7 @@ struct pp_pool {
     struct pp_job *all;             /* every job not yet freed */
     struct pp_jobcache jobcache;    /* blocks of freed small jobs (its own lock) */
 
-    bool closed, terminated, joined, broken, starting, quitting, start_failed;
+    bool closed, terminated, joining, joined, broken, starting, quitting, start_failed;
     bool zygote_gone;
     int handles; /* live pp_async / pp_iter handles: the struct outlives
                     pp_pool_free until the last one is freed */

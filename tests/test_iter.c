@@ -553,3 +553,106 @@ Test(iter, items_that_need_every_worker_at_once_all_run, .init = setup, .fini = 
     }
     pp_pool_free(pool);
 }
+
+/* More items than the window (1024 on few workers): most are not taken
+ * from the array yet when the pool is closed and joined. pp_join waits for
+ * every task, these too, and the iterator then hands every one back. */
+static void join_runs_what_the_window_held_back(bool ordered, bool free_pool)
+{
+    enum { N = 3000 };
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    static int in[N];
+    fill(in, N);
+    pp_iter *it = ordered
+                      ? pp_imap(pool, task, in + 22, N - 22, sizeof(int), sizeof(int), 1)
+                      : pp_imap_unordered(pool, task, in + 22, N - 22, sizeof(int), sizeof(int), 1);
+    cr_assert_not_null(it);
+    cr_assert_eq(pp_close(pool), 0);
+    if (free_pool)
+        pp_pool_free(pool);
+    else
+        cr_assert_eq(pp_join(pool), 0);
+    static bool seen[N];
+    memset(seen, 0, sizeof seen);
+    int r, rc, got = 0;
+    size_t idx;
+    while ((rc = pp_iter_next(it, &r, &idx, 0, NULL)) == 1) {
+        cr_assert(idx < N - 22 && !seen[idx], "index %zu", idx);
+        cr_assert(!ordered || idx == (size_t)got, "in order");
+        cr_assert_eq(r, in[22 + idx] * 10);
+        seen[idx] = true;
+        got++;
+    }
+    cr_assert_eq(rc, 0, "%s", pp_strerror(rc));
+    cr_assert_eq(got, N - 22);
+    pp_iter_free(it);
+    if (!free_pool)
+        pp_pool_free(pool);
+}
+
+Test(iter, join_runs_what_the_window_held_back_in_order, .timeout = PP_TEST_TIMEOUT(60))
+{
+    join_runs_what_the_window_held_back(true, false);
+}
+
+Test(iter, join_runs_what_the_window_held_back_unordered, .timeout = PP_TEST_TIMEOUT(60))
+{
+    join_runs_what_the_window_held_back(false, false);
+}
+
+Test(iter, free_after_close_runs_what_the_window_held_back, .timeout = PP_TEST_TIMEOUT(60))
+{
+    join_runs_what_the_window_held_back(true, true);
+}
+
+/* Terminated (or freed unclosed) while most items are not taken yet:
+ * every item still comes back once, run or failed PP_ECLOSED, and the
+ * iteration ends. With a task_timeout, whose watch needs the workers' map,
+ * which pp_pool_free has released. */
+static void stopping_accounts_for_every_item(bool free_pool, bool ordered)
+{
+    enum { N = 3000 };
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2, .task_timeout = 60});
+    static int in[N];
+    fill(in, N);
+    in[0] = -1; /* holds a worker until the pool stops */
+    pp_iter *it = ordered ? pp_imap(pool, task, in, N, sizeof(int), sizeof(int), 1)
+                          : pp_imap_unordered(pool, task, in, N, sizeof(int), sizeof(int), 1);
+    wait_flag(&flags->started, 1);
+    if (free_pool)
+        pp_pool_free(pool);
+    else
+        pp_terminate(pool);
+    static bool seen[N];
+    memset(seen, 0, sizeof seen);
+    int r, rc, ran = 0, closed = 0, rc0 = 0;
+    size_t idx;
+    pp_error err;
+    while ((rc = pp_iter_next(it, &r, &idx, 10, &err)) != 0) {
+        cr_assert(rc == 1 || rc == PP_ECLOSED, "%s", pp_strerror(rc));
+        cr_assert(idx < N && !seen[idx], "index %zu", idx);
+        cr_assert(!ordered || idx == (size_t)(ran + closed), "in order");
+        cr_assert(rc != PP_ECLOSED || (err.code == PP_ECLOSED && err.index == idx));
+        cr_assert(rc != 1 || r == in[idx] * 10);
+        seen[idx] = true;
+        rc0 = idx == 0 ? rc : rc0;
+        rc == 1 ? ran++ : closed++;
+    }
+    cr_assert_eq(ran + closed, N);
+    cr_assert_eq(rc0, PP_ECLOSED, "item 0 was still running");
+    pp_iter_free(it);
+    if (!free_pool)
+        pp_pool_free(pool);
+}
+
+Test(iter, terminate_accounts_for_items_past_the_window, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(60))
+{
+    stopping_accounts_for_every_item(false, true);
+}
+
+Test(iter, free_accounts_for_items_past_the_window, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(60))
+{
+    stopping_accounts_for_every_item(true, false);
+}

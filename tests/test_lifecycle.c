@@ -5,7 +5,9 @@
 #include <errno.h>
 #include <procpool.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -329,5 +331,63 @@ Test(lifecycle, submission_is_thread_safe, .timeout = PP_TEST_TIMEOUT(60))
         pthread_join(t[i], NULL);
         cr_assert(s[i].ok, "thread %d", i);
     }
+    pp_pool_free(pool);
+}
+
+/* Whether thread `tid` of this process sleeps (state S in its stat line). */
+static bool thread_sleeps(int tid)
+{
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/self/task/%d/stat", tid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return false;
+    char *got = fgets(line, sizeof line, f);
+    fclose(f);
+    char *end = got ? strrchr(line, ')') : NULL;
+    return end != NULL && end[1] == ' ' && end[2] == 'S';
+}
+
+struct joiner {
+    pp_pool *pool;
+    _Atomic int tid;
+    int rc;
+};
+
+static void *join_pool(void *arg)
+{
+    struct joiner *j = arg;
+    atomic_store(&j->tid, (int)gettid());
+    j->rc = pp_join(j->pool);
+    return NULL;
+}
+
+/* Two threads join at once, both while a task still runs: each returns 0
+ * once everything ended, and neither waits for the other forever. */
+Test(lifecycle, join_from_two_threads_at_once_returns_in_both, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int hold = 1, out[2] = {0};
+    pp_async *a = pp_apply_async(pool, report, &hold, sizeof hold, sizeof out, NULL, NULL, NULL);
+    wait_flag(&flags->started, 1);
+    pp_close(pool);
+    struct joiner j[2] = {{.pool = pool, .rc = 1}, {.pool = pool, .rc = 1}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, join_pool, &j[i]);
+    /* Both asleep inside pp_join (the task holds every joiner there). */
+    for (int i = 0; i < 2; i++)
+        while (atomic_load(&j[i].tid) == 0 || !thread_sleeps(atomic_load(&j[i].tid)))
+            sched_yield();
+    atomic_store(&flags->release, 1);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(t[i], NULL);
+        cr_assert_eq(j[i].rc, 0, "joiner %d", i);
+    }
+    cr_assert_eq(pp_async_get(a, out, 0, NULL), 0);
+    cr_assert_eq(count_children(), 0);
+    cr_assert_eq(pp_join(pool), 0, "a third join after the end");
+    pp_async_free(a);
     pp_pool_free(pool);
 }

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <procpool.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -368,4 +369,83 @@ Test(source, rss_stays_flat_in_order, .timeout = PP_TEST_TIMEOUT(120))
 Test(source, rss_stays_flat_unordered, .timeout = PP_TEST_TIMEOUT(120))
 {
     rss_stays_flat(false);
+}
+
+/* A source two threads may reach, the iterator's user and pp_join: it
+ * notes a call that begins while another is still running. */
+struct shared_source {
+    _Atomic long next;
+    long end;
+    _Atomic int inside;
+    _Atomic bool overlapped;
+    _Atomic long handed_back; /* by the consumer */
+};
+
+static int shared_source(void *state, void *arg)
+{
+    struct shared_source *s = state;
+    if (atomic_fetch_add(&s->inside, 1) != 0)
+        s->overlapped = true;
+    sched_yield(); /* a wider window for a second caller to walk in */
+    int more = 0;
+    long k = atomic_load(&s->next);
+    if (k < s->end) {
+        *(struct item *)arg = (struct item){.k = k};
+        atomic_store(&s->next, k + 1);
+        more = 1;
+    }
+    atomic_fetch_sub(&s->inside, 1);
+    return more;
+}
+
+struct consumer {
+    pp_iter *it;
+    struct shared_source *s;
+    long got, wrong;
+    int last_rc;
+};
+
+static void *consume(void *arg)
+{
+    struct consumer *c = arg;
+    long r;
+    size_t idx;
+    int rc;
+    while ((rc = pp_iter_next(c->it, &r, &idx, -1, NULL)) != 0) {
+        bool refused = idx % 1000 == 999;
+        if ((long)idx != c->got || (refused ? rc != PP_ETASK : rc != 1 || r != 3 * (long)idx))
+            c->wrong++;
+        c->got++;
+        atomic_store(&c->s->handed_back, c->got);
+    }
+    c->last_rc = rc;
+    return NULL;
+}
+
+/* Closed and joined while another thread still iterates, the window (8)
+ * far behind the source's end: join takes the rest of the source itself
+ * (never while the consumer's refill runs it), waits for it to run, and
+ * the consumer gets every item, in order. */
+Test(source, join_while_another_thread_iterates_runs_every_item, .timeout = PP_TEST_TIMEOUT(60))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    struct shared_source s = {.end = 3000};
+    struct consumer c = {.s = &s, .last_rc = 1};
+    c.it = pp_imap_source(pool, triple, shared_source, &s, sizeof(struct item), sizeof(long), 1, 8,
+                          true);
+    cr_assert_not_null(c.it);
+    pthread_t t;
+    pthread_create(&t, NULL, consume, &c);
+    while (atomic_load(&s.handed_back) < 100)
+        sched_yield();
+    cr_assert_eq(pp_close(pool), 0);
+    cr_assert_eq(pp_join(pool), 0);
+    cr_assert_eq(atomic_load(&s.next), 3000, "join took every item");
+    pthread_join(t, NULL);
+    cr_assert_eq(c.last_rc, 0);
+    cr_assert_eq(c.got, 3000);
+    cr_assert_eq(c.wrong, 0);
+    cr_assert(!s.overlapped, "the source ran in two threads at once");
+    pp_iter_free(c.it);
+    pp_pool_free(pool);
 }
