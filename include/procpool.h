@@ -132,7 +132,9 @@ PP_API void pp_pool_free(pp_pool *pool);
 PP_API int pp_worker_id(void);
 
 /* Blocking. Results of items that succeeded are always written, even when
- * others fail (a failed item's result slot is left as it was).
+ * others fail (a failed item's result slot is left as it was; in a results
+ * array in the shared arena, which workers write in place, it holds zeros
+ * and whatever the task wrote before it failed).
  * chunksize 0 = CPython's rule: ceil(n / (4 * workers)). err may be NULL.
  * Returns 0, or the code of the lowest-index failing item (err says which
  * item, its status and message, and how many failed). Thread-safe. */

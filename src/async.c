@@ -130,10 +130,10 @@ PP_API int pp_async_wait(pp_async *a, double timeout)
 PP_API int pp_async_get(pp_async *a, void *result, double timeout, pp_error *err)
 {
     if (a == NULL || (result == NULL && a->job->result_size != 0 && a->job->n != 0))
-        return -EINVAL;
+        return pp__call_error(err, -EINVAL, 0);
     int rc = pp_async_wait(a, timeout);
     if (rc < 0)
-        return rc;
+        return pp__call_error(err, rc, 0);
     struct pp_job *job = a->job;
     /* Ready: nothing writes the job any more. */
     size_t rbytes = job->n * job->result_size;

@@ -3,6 +3,8 @@
  */
 #include "pool.h"
 
+#include <errno.h>
+#include <stdio.h>
 #include <string.h>
 
 /* Read at run time: GCC inlines a memset of a constant 280 bytes as `rep
@@ -13,6 +15,21 @@ static const volatile size_t error_bytes = sizeof(pp_error);
 void pp__clear_error(pp_error *err)
 {
     memset(err, 0, error_bytes);
+}
+
+int pp__call_error(pp_error *err, int code, size_t failed)
+{
+    if (err == NULL)
+        return code;
+    pp__clear_error(err);
+    if (code == 0)
+        return 0;
+    err->code = code;
+    err->failed = failed;
+    const char *what =
+        code == -ETIMEDOUT ? "nothing was ready in time; the work goes on" : pp_strerror(code);
+    snprintf(err->message, sizeof err->message, "%s%s", failed ? "nothing ran: " : "", what);
+    return code;
 }
 
 PP_API const char *pp_strerror(int code)

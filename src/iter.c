@@ -480,7 +480,7 @@ static bool next_ready(void *arg)
 PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout, pp_error *err)
 {
     if (it == NULL || (result == NULL && it->job->result_size != 0))
-        return -EINVAL;
+        return pp__call_error(err, -EINVAL, 0);
     if (it->batch_next < it->batch_len) { /* finished items: no lock (see the top) */
         struct ready_item ri = it->batch[it->batch_next++];
         return give(it, ri.rec, ri.i, result, index, err);
@@ -490,6 +490,7 @@ PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout
     pthread_mutex_lock(&pool->mu);
     settle_batch(it);
     int rc;
+    bool gave = false;
     for (;;) {
         if ((rc = refill(it)) < 0)
             break;
@@ -504,6 +505,7 @@ PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout
             take_batch(it);
             struct ready_item ri = it->batch[it->batch_next++];
             rc = give(it, ri.rec, ri.i, result, index, err);
+            gave = true;
             break;
         }
         if (it->source_done && it->returned == it->taken) {
@@ -518,6 +520,8 @@ PP_API int pp_iter_next(pp_iter *it, void *result, size_t *index, double timeout
             break;
     }
     pthread_mutex_unlock(&pool->mu);
+    if (!gave) /* the end (zeroed), a timeout, ENOMEM or a freed pool */
+        pp__call_error(err, rc, 0);
     return rc;
 }
 

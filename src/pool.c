@@ -684,7 +684,7 @@ static int run_blocking(pp_pool *pool, pp_fn *fn, bool batch, const void *args, 
         if (job != NULL)
             pp__job_discard(job);
         pthread_mutex_unlock(&pool->mu);
-        return rc;
+        return pp__call_error(err, rc, n);
     }
     job->batch = batch;
     job->args = args;
@@ -709,9 +709,9 @@ static int map_blocking(pp_pool *pool, pp_fn *fn, bool batch, const void *args, 
 {
     if (pool == NULL || fn == NULL || (args == NULL && arg_size != 0 && n != 0) ||
         (results == NULL && result_size != 0 && n != 0))
-        return -EINVAL;
+        return pp__call_error(err, -EINVAL, n);
     if ((arg_size && n > SIZE_MAX / arg_size) || (result_size && n > SIZE_MAX / result_size))
-        return -EINVAL;
+        return pp__call_error(err, -EINVAL, n);
     return run_blocking(pool, fn, batch, args, n, arg_size, results, result_size,
                         chunksize ? chunksize : pp__default_chunksize(pool, n), err);
 }
@@ -734,7 +734,7 @@ PP_API int pp_apply(pp_pool *pool, pp_fn *fn, const void *arg, size_t arg_size, 
 {
     if (pool == NULL || fn == NULL || (arg == NULL && arg_size != 0) ||
         (result == NULL && result_size != 0))
-        return -EINVAL;
+        return pp__call_error(err, -EINVAL, 1);
     return run_blocking(pool, fn, false, arg, 1, arg_size, result, result_size, 1, err);
 }
 

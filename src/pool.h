@@ -301,8 +301,12 @@ void pp__job_unref(struct pp_job *job);
 /* Writes the job's lowest-index failure to `out` (zeroes if none). */
 void pp__job_error(const struct pp_job *job, pp_error *out); /* mu held: drops one ref */
 void pp__job_maybe_free(struct pp_job *job);                 /* mu held: frees it if unreferenced */
-void pp__job_discard(struct pp_job *job);          /* frees one never attached to the books */
-void pp__clear_error(pp_error *err);               /* zeroes it (errors.c) */
+void pp__job_discard(struct pp_job *job); /* frees one never attached to the books */
+void pp__clear_error(pp_error *err);      /* zeroes it (errors.c) */
+/* A call that fails as a whole, no item to blame (refused, a bad argument,
+ * a wait that ran out): fills err (may be NULL) so that its message is
+ * real, `failed` = the items that did not run. Returns code. */
+int pp__call_error(pp_error *err, int code, size_t failed);
 int pp__check_submit(pp_pool *pool);               /* 0, PP_ECLOSED or PP_ESPAWN */
 int pp__submit(pp_pool *pool, struct pp_job *job); /* mu held: queue it, deal */
 int pp__submit_errno(int rc);         /* errno for a constructor whose submission failed with rc */

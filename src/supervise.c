@@ -108,6 +108,14 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
     struct pp_piece *p = &d->piece;
     struct pp_job *job = p->job;
     bool already_failed = d->nfail > 0 && d->last_fail == k;
+    char cancelled[PP_MSG_TEXT];
+    if (code == PP_ECRASH && job->cancelled) {
+        /* It died by itself after pp_async_cancel said 0 but before we saw
+         * the death: the cancel stands, as that call promised. */
+        snprintf(cancelled, sizeof cancelled, "task cancelled; %s", why);
+        code = PP_ECANCELED;
+        why = cancelled;
+    }
     pp__copy_out(d, d->copied, k, d->res_addr);
     if (!job->complete) {
         uint32_t failed_before = d->nfail - (already_failed ? 1 : 0);

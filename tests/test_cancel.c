@@ -38,7 +38,7 @@ static void teardown(void)
     test_share("sh", NULL);
 }
 
-enum { MARK, HOLD, FOREVER, UNTIL_STOP };
+enum { MARK, HOLD, FOREVER, UNTIL_STOP, EXIT_WHEN_RELEASED };
 
 struct res {
     int value;
@@ -76,6 +76,11 @@ static int task(const void *arg, void *result)
         }
         atomic_store(&sh->observed_stop, 1);
         break;
+    case EXIT_WHEN_RELEASED:
+        atomic_store(&sh->pid, getpid());
+        atomic_fetch_add(&sh->started, 1);
+        wait_flag(&sh->release, 1);
+        _exit(3);
     }
     r->value = mode * 10 + 7;
     return 0;
@@ -214,6 +219,45 @@ Test(cancel, running_task_kills_and_replaces_its_worker, .init = setup, .fini = 
     cr_assert_eq(atomic_load(&sh->started), 1, "run once, never again");
     cr_assert_eq(pp_apply(pool, task, &mark, sizeof mark, &r, sizeof r, NULL), 0);
     pp_async_free(a);
+    pp_pool_free(pool);
+}
+
+/* The task ends its worker by itself just as it is cancelled: a cancel
+ * that said 0 fails it PP_ECANCELED, even when the death comes to light
+ * only after (the zygote, which reports deaths, is stopped meanwhile); one
+ * that came too late says -EALREADY and the crash stands. */
+Test(cancel, a_death_seen_after_the_cancel_still_fails_it_cancelled, .init = setup,
+     .fini = teardown, .timeout = PP_TEST_TIMEOUT(60))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    cr_assert_not_null(pool);
+    int zygote = pool_zygote(), mode = EXIT_WHEN_RELEASED;
+    cr_assert_gt(zygote, 0);
+    for (int round = 0; round < 5; round++) {
+        atomic_store(&sh->started, 0);
+        atomic_store(&sh->release, 0);
+        pp_async *a =
+            pp_apply_async(pool, task, &mode, sizeof mode, sizeof(struct res), NULL, NULL, NULL);
+        wait_flag(&sh->started, 1);
+        int victim = atomic_load(&sh->pid);
+        cr_assert_eq(kill(zygote, SIGSTOP), 0);
+        atomic_store(&sh->release, 1);
+        cr_assert(wait_all_dead(&victim, 1, 10), "the task ended its worker");
+        int rc = pp_async_cancel(a);
+        kill(zygote, SIGCONT);
+        struct res r;
+        pp_error err;
+        int got = pp_async_get(a, &r, -1, &err);
+        if (rc == 0) {
+            cr_assert_eq(got, PP_ECANCELED, "round %d: %s", round, pp_strerror(got));
+            cr_assert(strstr(err.message, "cancel") && strstr(err.message, "exit status 3"),
+                      "says both: %s", err.message);
+        } else {
+            cr_assert_eq(rc, -EALREADY);
+            cr_assert_eq(got, PP_ECRASH);
+        }
+        pp_async_free(a);
+    }
     pp_pool_free(pool);
 }
 

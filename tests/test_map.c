@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <procpool.h>
 #include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -124,6 +125,43 @@ Test(map, failures_keep_every_other_result, .timeout = PP_TEST_TIMEOUT(30))
     pp_pool_free(pool);
 }
 
+/* Writes its result, then fails on multiples of 7. */
+static int write_then_fail_on_7s(const void *arg, void *result)
+{
+    int x = *(const int *)arg;
+    *(int *)result = -x;
+    return x % 7 == 0 ? pp_fail(1, "item %d", x) : 0;
+}
+
+/* A failed item's slot: left as it was in the caller's own memory; in the
+ * arena, which workers write in place, it holds what the task wrote. */
+Test(map, a_failed_items_slot_is_kept_except_in_the_arena, .timeout = PP_TEST_TIMEOUT(30))
+{
+    enum { N = 100 };
+    int *arena = pp_shm_alloc(N * sizeof(int));
+    cr_assert_not_null(arena);
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    int in[N], own[N];
+    for (int i = 0; i < N; i++) {
+        in[i] = i + 1;
+        own[i] = arena[i] = 12345;
+    }
+    for (size_t chunk = 1; chunk <= 16; chunk *= 4) {
+        cr_assert_eq(
+            pp_map(pool, write_then_fail_on_7s, in, N, sizeof(int), own, sizeof(int), chunk, NULL),
+            PP_ETASK);
+        cr_assert_eq(pp_map(pool, write_then_fail_on_7s, in, N, sizeof(int), arena, sizeof(int),
+                            chunk, NULL),
+                     PP_ETASK);
+        for (int i = 0; i < N; i++) {
+            cr_assert_eq(own[i], in[i] % 7 ? -in[i] : 12345, "item %d, chunks of %zu", i, chunk);
+            cr_assert_eq(arena[i], -in[i], "item %d, chunks of %zu", i, chunk);
+        }
+    }
+    pp_pool_free(pool);
+    pp_shm_free(arena);
+}
+
 Test(map, empty_and_zero_sized, .timeout = PP_TEST_TIMEOUT(30))
 {
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
@@ -189,6 +227,78 @@ Test(map, bad_input_is_einval_and_pool_stays_usable, .timeout = PP_TEST_TIMEOUT(
     cr_assert_eq(pp_apply(pool, square, &x, sizeof x, &y, sizeof y, NULL), 0);
     cr_assert_eq(y, 9);
     pp_pool_free(pool);
+}
+
+static int hold_until_released(const void *arg, void *result)
+{
+    _Atomic int *release = *(_Atomic int *const *)arg;
+    wait_flag(release, 1);
+    *(int *)result = 1;
+    return 0;
+}
+
+/* err as it was never written: a message with no end, a code nobody uses. */
+static void scribble(pp_error *err)
+{
+    memset(err, 0x5a, sizeof *err);
+}
+
+/* A failing call fills err even when it fails as a whole, no item to
+ * blame; a call that ends with nothing failed zeroes it. */
+Test(map, a_call_refused_as_a_whole_still_fills_err, .timeout = PP_TEST_TIMEOUT(30))
+{
+    _Atomic int *release = pp_shm_alloc(sizeof *release); /* the arena: every worker's too */
+    cr_assert_not_null(release);
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int x[3] = {1, 2, 3}, y[3];
+    pp_error err;
+    scribble(&err);
+    cr_assert_eq(pp_map(NULL, square, x, 3, sizeof x[0], y, sizeof y[0], 0, &err), -EINVAL);
+    cr_assert_eq(err.code, -EINVAL);
+    cr_assert_eq(err.failed, 3);
+    cr_assert(memchr(err.message, 0, sizeof err.message) && strstr(err.message, "nothing ran"),
+              "%.40s", err.message);
+    scribble(&err);
+    cr_assert_eq(pp_apply(pool, square, x, sizeof x[0], NULL, sizeof y[0], &err), -EINVAL);
+    cr_assert_eq(err.code, -EINVAL);
+
+    pp_async *a = pp_apply_async(pool, hold_until_released, &release, sizeof release, sizeof y[0],
+                                 NULL, NULL, NULL);
+    scribble(&err);
+    cr_assert_eq(pp_async_get(a, y, 0.01, &err), -ETIMEDOUT);
+    cr_assert_eq(err.code, -ETIMEDOUT);
+    cr_assert_eq(err.failed, 0);
+    cr_assert(strstr(err.message, "goes on"), "%.40s", err.message);
+    scribble(&err);
+    cr_assert_eq(pp_async_get(a, NULL, 0, &err), -EINVAL);
+    cr_assert_eq(err.code, -EINVAL);
+    pp_iter *it = pp_imap(pool, square, x, 3, sizeof x[0], sizeof y[0], 1);
+    scribble(&err);
+    cr_assert_eq(pp_iter_next(it, y, NULL, 0.01, &err), -ETIMEDOUT, "the worker is held");
+    cr_assert_eq(err.code, -ETIMEDOUT);
+    atomic_store(release, 1);
+    cr_assert_eq(pp_async_get(a, y, -1, &err), 0);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(pp_iter_next(it, y, NULL, -1, &err), 1);
+    scribble(&err);
+    cr_assert_eq(pp_iter_next(it, y, NULL, -1, &err), 0);
+    cr_assert_eq(err.code, 0, "the end zeroes it");
+    cr_assert_eq(err.message[0], 0);
+    pp_iter_free(it);
+    pp_async_free(a);
+
+    pp_close(pool);
+    scribble(&err);
+    cr_assert_eq(pp_map(pool, square, x, 3, sizeof x[0], y, sizeof y[0], 0, &err), PP_ECLOSED);
+    cr_assert_eq(err.code, PP_ECLOSED);
+    cr_assert_eq(err.failed, 3, "none ran");
+    cr_assert(strstr(err.message, "closed"), "%.40s", err.message);
+    scribble(&err);
+    cr_assert_eq(pp_apply(pool, square, x, sizeof x[0], y, sizeof y[0], &err), PP_ECLOSED);
+    cr_assert_eq(err.code, PP_ECLOSED);
+    cr_assert_eq(err.failed, 1);
+    pp_pool_free(pool);
+    pp_shm_free(release);
 }
 
 Test(map, strerror_names_every_code, .timeout = PP_TEST_TIMEOUT(10))
