@@ -48,6 +48,7 @@ struct pp_iter {
     size_t undealt;      /* items in records not dealt yet */
     bool source_done;
     bool refilling;                    /* a thread runs the source, lock dropped: others wait */
+    pthread_t refiller;                /* that thread */
     bool unbounded;                    /* pp_join takes every item left, the window aside */
     struct pp_chunkrec *head, *tail;   /* records not fully handed back, in order */
     struct pp_chunkrec *dhead, *dtail; /* records not dealt yet */
@@ -263,6 +264,7 @@ static uint32_t pull_into(struct pp_iter *it, struct pp_chunkrec *rec, size_t ca
     uint32_t got = 0;
     if (it->source != NULL) {
         it->refilling = true;
+        it->refiller = pthread_self();
         pthread_mutex_unlock(&pool->mu);
     }
     while (got < cap) {
@@ -296,6 +298,12 @@ static void link_rec(struct pp_iter *it, struct pp_chunkrec *rec)
     it->dtail = rec;
 }
 
+/* Whether the source runs in this thread (and calls the pool). */
+static bool in_own_source(const struct pp_iter *it)
+{
+    return it->refilling && pthread_equal(it->refiller, pthread_self());
+}
+
 static void wait_refill_done(struct pp_iter *it)
 {
     while (it->refilling)
@@ -308,6 +316,8 @@ static int refill(struct pp_iter *it)
 {
     pp_pool *pool = it->pool;
     bool added = false;
+    if (in_own_source(it)) /* its source asks it for an item: it would wait on itself */
+        return -EDEADLK;
     wait_refill_done(it);
     if (!wants_refill(it))
         return 0;
@@ -357,6 +367,10 @@ void pp__iter_take_rest(pp_pool *pool)
                 it = job->iter;
         if (it == NULL)
             return;
+        if (in_own_source(it)) { /* joined from its source: what it gives later fails */
+            it->unbounded = true;
+            continue;
+        }
         if (it->refilling) { /* its user runs the source: look again after */
             pthread_cond_wait(&pool->cond, &pool->mu);
             continue;

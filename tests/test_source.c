@@ -449,3 +449,80 @@ Test(source, join_while_another_thread_iterates_runs_every_item, .timeout = PP_T
     pp_iter_free(c.it);
     pp_pool_free(pool);
 }
+
+/* A source that, at item `at`, joins its own pool (closing it first), or
+ * asks its own iterator for an item. */
+struct self_calling {
+    long next, end, at;
+    pp_pool *pool;
+    pp_iter *it; /* set once pp_imap_source returned */
+    bool join;
+    int join_rc, next_rc;
+};
+
+static int self_calling_source(void *state, void *arg)
+{
+    struct self_calling *s = state;
+    if (s->next == s->at && s->it != NULL) {
+        if (s->join) {
+            pp_close(s->pool);
+            s->join_rc = pp_join(s->pool);
+        } else {
+            long r;
+            s->next_rc = pp_iter_next(s->it, &r, NULL, -1, NULL);
+        }
+    }
+    if (s->next >= s->end)
+        return 0;
+    *(struct item *)arg = (struct item){.k = s->next++};
+    return 1;
+}
+
+/* Joined from inside its own source: the join does not wait on the source
+ * it runs in; the items of that refill and after it fail PP_ECLOSED, every item comes
+ * back once, in order, and the iteration ends. */
+Test(source, a_source_that_joins_its_pool_ends_cleanly, .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    struct self_calling s = {.end = 100, .at = 40, .pool = pool, .join = true, .join_rc = 1};
+    pp_iter *it = pp_imap_source(pool, triple, self_calling_source, &s, sizeof(struct item),
+                                 sizeof(long), 1, 8, true);
+    cr_assert_not_null(it);
+    s.it = it;
+    long r;
+    size_t idx;
+    int rc, ran = 0, closed = 0;
+    while ((rc = pp_iter_next(it, &r, &idx, 10, NULL)) != 0) {
+        cr_assert_eq(idx, (size_t)(ran + closed), "in order, once each");
+        cr_assert(rc == 1 || rc == PP_ECLOSED, "%s", pp_strerror(rc));
+        cr_assert(rc != 1 || r == 3 * (long)idx);
+        rc == 1 ? ran++ : closed++;
+    }
+    cr_assert_eq(s.join_rc, 0);
+    cr_assert_eq(ran + closed, 100);
+    /* The refill that runs the join holds at most a window (8) of them. */
+    cr_assert_geq(ran, 40 - 8, "what earlier refills took ran: %d", ran);
+    cr_assert_gt(closed, 0, "what was taken after it did not");
+    pp_iter_free(it);
+    pp_pool_free(pool);
+}
+
+/* A source asking its own iterator for an item would wait on itself:
+ * -EDEADLK, and the iteration goes on. */
+Test(source, a_source_that_asks_its_own_iterator_gets_edeadlk, .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2});
+    struct self_calling s = {.end = 100, .at = 40, .pool = pool};
+    pp_iter *it = pp_imap_source(pool, triple, self_calling_source, &s, sizeof(struct item),
+                                 sizeof(long), 1, 8, true);
+    s.it = it;
+    long r;
+    int rc, got = 0;
+    while ((rc = pp_iter_next(it, &r, NULL, 10, NULL)) == 1)
+        got++;
+    cr_assert_eq(rc, 0);
+    cr_assert_eq(got, 100);
+    cr_assert_eq(s.next_rc, -EDEADLK);
+    pp_iter_free(it);
+    pp_pool_free(pool);
+}
