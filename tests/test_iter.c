@@ -614,8 +614,9 @@ static void stopping_accounts_for_every_item(bool free_pool, bool ordered)
     enum { N = 3000 };
     pp_pool *pool = pp_pool_new(&(pp_options){.workers = 2, .task_timeout = 60});
     static int in[N];
-    fill(in, N);
-    in[0] = -1; /* holds a worker until the pool stops */
+    for (int i = 0; i < N; i++)
+        in[i] = i + 22; /* past the items that crash (13) and fail (21) */
+    in[0] = -1;         /* holds a worker until the pool stops */
     pp_iter *it = ordered ? pp_imap(pool, task, in, N, sizeof(int), sizeof(int), 1)
                           : pp_imap_unordered(pool, task, in, N, sizeof(int), sizeof(int), 1);
     wait_flag(&flags->started, 1);
