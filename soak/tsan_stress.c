@@ -6,7 +6,9 @@
  * and applies with callbacks (run by the library thread), ordered and
  * unordered iterators (some freed half-way), cancels, stats — while another
  * thread SIGKILLs workers; then close, join, free. A second pool is
- * terminated while threads wait on it. Exits non-zero on a wrong result;
+ * terminated while threads wait on it. On a third, two threads iterate
+ * sources far past their windows while two others close and join it (the
+ * joins take the rest of the sources). Exits non-zero on a wrong result;
  * TSan exits non-zero (exitcode=66) on a race or a lock-order problem.
  */
 #ifndef _GNU_SOURCE
@@ -15,6 +17,7 @@
 #include <procpool.h>
 
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -141,6 +144,72 @@ static void *waiter(void *arg)
     return NULL;
 }
 
+struct source {
+    pp_iter *it;
+    bool ordered;
+    int next;
+    _Atomic int handed; /* items the consumer got */
+};
+
+static int count_to_2000(void *state, void *arg)
+{
+    struct source *s = state;
+    if (s->next == 2000)
+        return 0;
+    *(int *)arg = s->next++;
+    return 1;
+}
+
+static void *consumer(void *arg)
+{
+    struct source *s = arg;
+    int r, rc, want = 0;
+    size_t idx;
+    while ((rc = pp_iter_next(s->it, &r, &idx, -1, NULL)) != 0) {
+        if (rc != 1 || (s->ordered && idx != (size_t)want) || r != (int)(idx * idx))
+            atomic_store(&bad, 1);
+        want++;
+        atomic_fetch_add(&s->handed, 1);
+    }
+    if (want != 2000)
+        atomic_store(&bad, 1);
+    return NULL;
+}
+
+static void *closer(void *arg)
+{
+    pp_close(arg);
+    if (pp_join(arg) != 0)
+        atomic_store(&bad, 1);
+    return NULL;
+}
+
+static void joins_while_sources_run(void)
+{
+    pp_pool *p3 = pp_pool_new(&(pp_options){.workers = 2});
+    struct source s[2] = {{0}};
+    pthread_t c[2], j[2];
+    for (int i = 0; i < 2; i++) {
+        s[i].ordered = i == 0;
+        s[i].it = pp_imap_source(p3, square, count_to_2000, &s[i], sizeof(int), sizeof(int), 1, 16,
+                                 s[i].ordered);
+        pthread_create(&c[i], NULL, consumer, &s[i]);
+    }
+    while (atomic_load(&s[0].handed) < 50 || atomic_load(&s[1].handed) < 50)
+        sched_yield();
+    for (int i = 0; i < 2; i++)
+        pthread_create(&j[i], NULL, closer, p3);
+    for (int i = 0; i < 2; i++)
+        pthread_join(j[i], NULL);
+    for (int i = 0; i < 2; i++) {
+        if (s[i].next != 2000) /* the joins took every item */
+            atomic_store(&bad, 1);
+        pthread_join(c[i], NULL);
+        pp_iter_free(s[i].it);
+    }
+    pp_pool_free(p3);
+}
+
 int main(void)
 {
     pool = pp_pool_new(&(pp_options){.workers = 3, .max_tasks_per_child = 50});
@@ -169,6 +238,7 @@ int main(void)
     for (int i = 0; i < 3; i++)
         pthread_join(w[i], NULL);
     pp_pool_free(p2);
+    joins_while_sources_run();
     printf("tsan_stress: %d callbacks, %s\n", atomic_load(&callbacks), bad ? "WRONG" : "ok");
     return bad;
 }
