@@ -162,13 +162,14 @@ struct pp_pool {
     struct pp_job *all;             /* every job not yet freed */
     struct pp_jobcache jobcache;    /* blocks of freed small jobs (its own lock) */
 
-    bool closed, terminated, joining, joined, broken, starting, quitting, start_failed;
+    bool closed, terminated, joined, broken, starting, quitting, start_failed;
     bool zygote_gone;
     int handles; /* live pp_async / pp_iter handles: the struct outlives
                     pp_pool_free until the last one is freed */
     bool freed;
-    int live;    /* worker processes not yet reaped */
-    bool poller; /* a thread sleeps in poll() for the pool */
+    bool joining; /* a thread is inside pp_join (in the padding: nothing hot moves) */
+    int live;     /* worker processes not yet reaped */
+    bool poller;  /* a thread sleeps in poll() for the pool */
     pthread_t poller_thread;
     bool poller_is_background; /* the library thread polls for nobody in particular */
     int waiters;               /* threads inside pp__wait */
