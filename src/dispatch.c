@@ -832,6 +832,19 @@ static bool guard_broken(pp_pool *pool, struct pp_dealt *d)
     return true;
 }
 
+/* A cancelled entry that ran to its end: the items before its cut finished
+ * before the cancel and were resolved then (keep_before_cut); the others
+ * ran after it, or stopped when asked, and fail. */
+static void fail_after_cut(struct pp_dealt *d)
+{
+    struct pp_piece rest = d->piece;
+    rest.start += d->cut;
+    rest.count -= d->cut;
+    /* Of the items at and after the cut, those failed by FAIL messages:
+     * every item before it is counted in nfail or nok. */
+    pp__fail_piece(&rest, d->nfail + d->nok - d->cut, PP_ECANCELED, "cancelled; the task returned");
+}
+
 static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
 {
     struct pp_job *job = d->piece.job;
@@ -842,7 +855,7 @@ static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
         pp__copy_out(d, d->copied, d->piece.count, d->res_addr);
         if (job->cancelled) {
             /* It stopped cooperatively (or finished) after it was cancelled. */
-            pp__fail_piece(&d->piece, d->nfail, PP_ECANCELED, "cancelled; the task returned");
+            fail_after_cut(d);
         } else if (!job->complete) {
             pp__resolve_ok(job, d->piece.count - d->nfail - d->nok);
             if (d->piece.rec != NULL)
@@ -1119,6 +1132,33 @@ void pp__fail_pending(pp_pool *pool, int code, const char *why)
 
 /* ---- cancelling ------------------------------------------------------------ */
 
+/* A claimed entry of a job being cancelled: the items that finished before
+ * now keep their results and count as completed; only the one running and
+ * those after it will fail (fail_after_cut, or a death). Read as harvest
+ * reads: the running item, then the failures posted before it. */
+static void keep_before_cut(pp_pool *pool, int id, uint32_t pos, struct pp_dealt *d)
+{
+    struct pp_slot *s = &pool->ctl->slot[id];
+    uint32_t k = atomic_load_explicit(&s->cur_item, memory_order_acquire);
+    bool on_it = atomic_load_explicit(&s->busy, memory_order_acquire) &&
+                 atomic_load_explicit(&s->cur_seq, memory_order_acquire) == pos;
+    pp__collect(pool, id);
+    if (d->done || d->withdrawn || d->piece.job->complete)
+        return;
+    uint32_t cut = d->copied; /* a FAIL after them: they are finished */
+    if (on_it && k > cut && k <= d->piece.count && guard_intact(pool, d)) {
+        pp__copy_out(d, d->copied, k, d->res_addr);
+        d->copied = cut = k;
+    }
+    if (cut <= d->cut)
+        return;
+    pp__resolve_ok(d->piece.job, cut - d->nfail - d->nok);
+    if (d->piece.rec != NULL)
+        pp__iter_ok(d->piece.rec, d->piece.start, cut);
+    d->nok = cut - d->nfail;
+    d->cut = cut;
+}
+
 /* Takes back every entry of `job` that no worker has claimed yet. */
 static void withdraw_job(pp_pool *pool, struct pp_job *job)
 {
@@ -1133,6 +1173,7 @@ static void withdraw_job(pp_pool *pool, struct pp_job *job)
             if (!atomic_compare_exchange_strong(&s->in[pos & PP_RING_MASK].state, &expect,
                                                 PP_DESC_WITHDRAWN)) {
                 /* Claimed: what it has not started yet never runs. */
+                keep_before_cut(pool, id, pos, d);
                 uint32_t from = stop_claims(pool, id, pos, d);
                 if (from < d->piece.count) {
                     struct pp_piece rest = d->piece;

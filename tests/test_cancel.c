@@ -317,6 +317,47 @@ Test(cancel, map_running_item_killed_queued_items_never_run, .init = setup, .fin
     pp_pool_free(pool);
 }
 
+/* The running item stops by itself when asked (no kill): the items of its
+ * entry that had finished before the cancel still count as completed, with
+ * their results; it and those after it fail PP_ECANCELED. Chunks of one
+ * (dealt several to an entry) and one chunk of all. */
+Test(cancel, a_cooperative_stop_keeps_what_its_entry_finished_before, .init = setup,
+     .fini = teardown, .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    enum { N = 10, RUNNING = 4 };
+    int in[N];
+    for (int i = 0; i < N; i++)
+        in[i] = i == RUNNING ? UNTIL_STOP : MARK;
+    size_t chunks[2] = {1, N};
+    for (int c = 0; c < 2; c++) {
+        atomic_store(&sh->started, 0);
+        atomic_store(&sh->ran, 0);
+        pp_stats before;
+        pp_pool_stats(pool, &before);
+        pp_async *a = pp_map_async(pool, task, in, N, sizeof in[0], sizeof(struct res), chunks[c],
+                                   NULL, NULL, NULL);
+        wait_flag(&sh->started, 1);
+        cr_assert_eq(pp_async_cancel(a), 0);
+        struct res out[N];
+        memset(out, 0, sizeof out);
+        pp_error err;
+        cr_assert_eq(pp_async_get(a, out, -1, &err), PP_ECANCELED);
+        cr_assert_eq(err.index, RUNNING, "chunks of %zu: the running item, not %zu", chunks[c],
+                     err.index);
+        cr_assert_eq(err.failed, N - RUNNING);
+        for (int i = 0; i < RUNNING; i++)
+            cr_assert_eq(out[i].value, MARK * 10 + 7, "item %d finished before", i);
+        pp_stats st;
+        pp_pool_stats(pool, &st);
+        cr_assert_eq(st.completed - before.completed, RUNNING, "chunks of %zu", chunks[c]);
+        cr_assert_eq(st.cancelled - before.cancelled, N - RUNNING, "chunks of %zu", chunks[c]);
+        cr_assert_eq(st.respawned, 0, "it stopped by itself");
+        pp_async_free(a);
+    }
+    pp_pool_free(pool);
+}
+
 Test(cancel, chunk_keeps_finished_items_and_drops_the_rest, .init = setup, .fini = teardown,
      .timeout = PP_TEST_TIMEOUT(30))
 {
