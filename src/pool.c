@@ -799,12 +799,25 @@ PP_API int pp_terminate(pp_pool *pool)
     return 0;
 }
 
+/* Items of a queued job not dealt yet. A job stays in the queue after its
+ * last piece is taken until the dealer looks again, and on MPI the dealer
+ * is the communication thread, which then wakes nobody: count items. */
+static size_t undealt(const struct pp_job *job)
+{
+    if (job->cancelled)
+        return 0;
+    return job->iter ? pp__iter_undealt(job->iter) : job->n - job->next;
+}
+
 /* Every dealt piece has come back, every callback has run. */
 static bool drained(void *arg)
 {
     pp_pool *pool = arg;
-    if (pool->qhead != NULL || pool->retry.len != 0 || pool->cbhead != NULL)
+    if (pool->retry.len != 0 || pool->cbhead != NULL)
         return false;
+    for (struct pp_job *job = pool->qhead; job; job = job->qnext)
+        if (undealt(job) != 0)
+            return false;
     for (struct pp_job *job = pool->all; job; job = job->anext)
         if (job->in_callbacks || job->inflight > 0 ||
             (!job->streaming && job->complete && !job->ready))
@@ -957,8 +970,7 @@ PP_API int pp_pool_stats(pp_pool *pool, pp_stats *out)
     out->workers = 0;
     uint64_t queued = 0, running = 0;
     for (struct pp_job *job = pool->qhead; job; job = job->qnext)
-        if (!job->cancelled)
-            queued += job->iter ? pp__iter_undealt(job->iter) : job->n - job->next;
+        queued += undealt(job);
     for (size_t i = 0; i < pool->retry.len; i++)
         queued += pool->retry.v[(pool->retry.head + i) % pool->retry.cap].count;
     for (int id = 0; pool->ctl && id < pool->nworkers; id++) {

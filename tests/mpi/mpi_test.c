@@ -542,6 +542,63 @@ static int fail_on_rank2(void *initarg)
     return env_rank() == 2 ? -1 : 0;
 }
 
+/* A source that closes and joins its own pool at item 40 (window 8): the
+ * join returns (on MPI it once waited for a wake-up nobody sent), the items
+ * run before it keep their results, the later ones fail PP_ECLOSED, and
+ * the iteration ends. */
+struct joining_source {
+    pp_pool *pool;
+    long next;
+    int join_rc;
+};
+
+static int joining_source(void *state, void *arg)
+{
+    struct joining_source *s = state;
+    if (s->next == 40) {
+        pp_close(s->pool);
+        s->join_rc = pp_join(s->pool);
+    }
+    if (s->next >= 100)
+        return 0;
+    *(long *)arg = s->next++;
+    return 1;
+}
+
+static int plain_square(const void *arg, void *result)
+{
+    *(long *)result = *(const long *)arg * *(const long *)arg;
+    return 0;
+}
+
+static void t_source_join(pp_pool *pool)
+{
+    struct joining_source s = {.pool = pool, .join_rc = 1};
+    pp_iter *it = pp_imap_source(pool, plain_square, joining_source, &s, sizeof(long), sizeof(long),
+                                 1, 8, true);
+    CHECK(it != NULL);
+    size_t ran = 0, closed = 0;
+    for (size_t idx, want = 0;; want++) {
+        long o;
+        int rc = pp_iter_next(it, &o, &idx, 60, NULL);
+        if (rc == 0 || rc == -ETIMEDOUT) {
+            CHECK(rc == 0);
+            break;
+        }
+        CHECK(idx == want);
+        CHECK(rc == 1 || rc == PP_ECLOSED);
+        if (rc == 1) {
+            CHECK(o == (long)(idx * idx));
+            ran++;
+        } else {
+            closed++;
+        }
+    }
+    CHECK(s.join_rc == 0);
+    CHECK(ran + closed == 100 && ran >= 40 - 8 && closed > 0);
+    pp_iter_free(it);
+}
+
 int main(int argc, char **argv)
 {
     const char *what = argc > 1 ? argv[1] : "map";
@@ -602,6 +659,8 @@ int main(int argc, char **argv)
         t_big(pool);
     else if (strcmp(what, "batch") == 0)
         t_batch(pool);
+    else if (strcmp(what, "sourcejoin") == 0)
+        t_source_join(pool);
     else {
         fprintf(stderr, "unknown scenario %s\n", what);
         failures++;
