@@ -1159,8 +1159,9 @@ static void keep_before_cut(pp_pool *pool, int id, uint32_t pos, struct pp_dealt
     d->cut = cut;
 }
 
-/* Takes back every entry of `job` that no worker has claimed yet. */
-static void withdraw_job(pp_pool *pool, struct pp_job *job)
+/* Takes back every entry of `job` that no worker has claimed yet; in those
+ * claimed, at the first cancel, keeps what finished before it. */
+static void withdraw_job(pp_pool *pool, struct pp_job *job, bool first_cancel)
 {
     for (int id = 0; id < pool->nworkers; id++) {
         struct pp_worker *w = &pool->w[id];
@@ -1173,7 +1174,8 @@ static void withdraw_job(pp_pool *pool, struct pp_job *job)
             if (!atomic_compare_exchange_strong(&s->in[pos & PP_RING_MASK].state, &expect,
                                                 PP_DESC_WITHDRAWN)) {
                 /* Claimed: what it has not started yet never runs. */
-                keep_before_cut(pool, id, pos, d);
+                if (first_cancel)
+                    keep_before_cut(pool, id, pos, d);
                 uint32_t from = stop_claims(pool, id, pos, d);
                 if (from < d->piece.count) {
                     struct pp_piece rest = d->piece;
@@ -1195,6 +1197,11 @@ static void withdraw_job(pp_pool *pool, struct pp_job *job)
 void pp__job_cancel_queued(struct pp_job *job)
 {
     pp_pool *pool = job->pool;
+    /* What finished before now settles as finished, not as cancelled. */
+    for (int id = 0; id < pool->nworkers; id++)
+        if (pool->w[id].state == PP_WS_READY || pool->w[id].state == PP_WS_EXITING)
+            pp__collect(pool, id);
+    bool first = !job->cancelled;
     job->cancelled = true;
     pp__dequeue(pool, job);
     if (job->iter != NULL) {
@@ -1223,7 +1230,7 @@ void pp__job_cancel_queued(struct pp_job *job)
         pp__fail_piece(&p, 0, PP_ECANCELED, "cancelled");
         pp__piece_release(pool, &p);
     }
-    withdraw_job(pool, job);
+    withdraw_job(pool, job, first);
     pp__job_settle(job);
 }
 
@@ -1249,6 +1256,8 @@ int pp__job_cancel(struct pp_job *job)
                 continue;
             atomic_store(&pool->ctl->slot[id].stop, 1);
             w->cancel_seq = pos;
+            w->cancel_item = atomic_load(&pool->ctl->slot[id].cur_item);
+            w->cancel_grants = 0;
             w->cancel_at = pp__now_ns() + PP_CANCEL_GRACE_NS;
             pool->cancels++;
         }

@@ -114,11 +114,13 @@ struct pp_worker {
     int kill_code;     /* why we killed it: PP_ETIMEOUT, PP_ECANCELED, PP_ECLOSED; 0: we did not */
     bool succeeded;    /* finished at least one chunk (crash-loop detection) */
     bool was_ready;    /* said READY: it started, whatever happened next */
-    unsigned early_deaths; /* deaths in a row of this slot's workers before any chunk */
-    bool given_up;         /* crash loop: this slot is not replaced any more */
-    int64_t roused_ns;     /* when it was last woken unasked (dispatch.c rouse_if_unheard) */
-    int64_t cancel_at;     /* kill it then if it still runs the cancelled chunk; 0: none */
-    uint32_t cancel_seq;   /* the inbox position of that chunk */
+    unsigned early_deaths;  /* deaths in a row of this slot's workers before any chunk */
+    bool given_up;          /* crash loop: this slot is not replaced any more */
+    int64_t roused_ns;      /* when it was last woken unasked (dispatch.c rouse_if_unheard) */
+    int64_t cancel_at;      /* kill it then if it still runs the cancelled chunk; 0: none */
+    uint32_t cancel_seq;    /* the inbox position of that chunk */
+    uint32_t cancel_item;   /* the item it ran then: a later one gets its own grace, */
+    uint32_t cancel_grants; /* up to PP_CANCEL_GRANTS of them */
     struct pp_dealt dealt[PP_RING];
     /* Per inline buffer: where a guard was last found intact (by a DONE's
      * check), so the next chunk of the same shape need not write it again.
@@ -192,6 +194,7 @@ struct pp_pool {
 
 #define PP_CRASH_LOOP_LIMIT  8          /* deaths in a row with no chunk finished between */
 #define PP_CANCEL_GRACE_NS   100000000  /* a cancelled task's time to return by itself */
+#define PP_CANCEL_GRANTS     16         /* items taken before a cancel, each with that grace */
 #define PP_UNCLAIMED_NS      50000000   /* a lone entry no worker took: dealt again (balance) */
 #define PP_BUSY_POLL_NS      1000000    /* a poller's first sleep while workers hold work */
 #define PP_BUSY_POLL_MAX_NS  64000000   /* and its longest, when nothing wakes it */

@@ -119,9 +119,20 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
     pp__copy_out(d, d->copied, k, d->res_addr);
     if (!job->complete) {
         uint32_t failed_before = d->nfail - (already_failed ? 1 : 0);
-        pp__resolve_ok(job, k - failed_before - d->nok);
-        if (p->rec != NULL)
-            pp__iter_ok(p->rec, p->start, k);
+        if (job->cancelled && d->cut < k) {
+            /* Items after the cut ran after the cancel (already claimed):
+             * they fail as settle_done fails them. Of them, nfail + nok -
+             * cut failed by themselves (see keep_before_cut). */
+            struct pp_piece after = *p;
+            after.start += d->cut;
+            after.count = k - d->cut;
+            pp__fail_piece(&after, failed_before + d->nok - d->cut, PP_ECANCELED,
+                           "cancelled; the task returned");
+        } else {
+            pp__resolve_ok(job, k - failed_before - d->nok);
+            if (p->rec != NULL)
+                pp__iter_ok(p->rec, p->start, k);
+        }
         if (!already_failed)
             pp__resolve_fail(job, p->rec, p->start + k, code, st, why);
     }
@@ -325,9 +336,21 @@ void pp__check_timeouts(pp_pool *pool, int64_t now)
         bool busy = atomic_load(&s->busy) != 0;
         if (w->cancel_at != 0) {
             uint32_t seq = w->cancel_seq;
-            if (seq - w->retired >= w->tail - w->retired || w->dealt[seq & PP_RING_MASK].done)
+            uint32_t item = atomic_load(&s->cur_item);
+            if (seq - w->retired >= w->tail - w->retired || w->dealt[seq & PP_RING_MASK].done) {
                 w->cancel_at = 0; /* the chunk came back in time */
-            else if (now >= w->cancel_at)
+            } else if (item > w->cancel_item && atomic_load(&s->cur_seq) == seq &&
+                       item < w->dealt[seq & PP_RING_MASK].piece.count &&
+                       w->cancel_grants < PP_CANCEL_GRANTS) {
+                /* That task returned; the worker had taken the next one
+                 * already (a claim step): it gets a grace of its own, a
+                 * bounded number of times (the slot is the task's to
+                 * scribble on). */
+                w->cancel_item = item;
+                w->cancel_grants++;
+                w->cancel_at = now + PP_CANCEL_GRACE_NS;
+                cancels++;
+            } else if (now >= w->cancel_at)
                 pp__kill_worker(pool, id, PP_ECANCELED);
             else
                 cancels++;

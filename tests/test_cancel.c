@@ -38,7 +38,7 @@ static void teardown(void)
     test_share("sh", NULL);
 }
 
-enum { MARK, HOLD, FOREVER, UNTIL_STOP, EXIT_WHEN_RELEASED };
+enum { MARK, HOLD, FOREVER, UNTIL_STOP, EXIT_WHEN_RELEASED, CRASH, NAP };
 
 struct res {
     int value;
@@ -75,6 +75,12 @@ static int task(const void *arg, void *result)
             usleep(1000);
         }
         atomic_store(&sh->observed_stop, 1);
+        break;
+    case CRASH:
+        raise(SIGKILL);
+        break;
+    case NAP: /* 50 ms, half the grace a cancelled task has to return */
+        usleep(50000);
         break;
     case EXIT_WHEN_RELEASED:
         atomic_store(&sh->pid, getpid());
@@ -355,6 +361,89 @@ Test(cancel, a_cooperative_stop_keeps_what_its_entry_finished_before, .init = se
         cr_assert_eq(st.respawned, 0, "it stopped by itself");
         pp_async_free(a);
     }
+    pp_pool_free(pool);
+}
+
+/* Freeing the handle cancels what is queued, and what runs finishes and
+ * counts as cancelled; chunks that finished before count as completed,
+ * not cancelled (they are settled before the cancel). */
+Test(cancel, freeing_early_counts_what_finished_as_completed, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    enum { N = 12, RUNNING = 6 };
+    int in[N];
+    for (int i = 0; i < N; i++)
+        in[i] = i == RUNNING ? HOLD : MARK;
+    pp_async *a = /* chunks of 2: items 0-5 in three finished chunks */
+        pp_map_async(pool, task, in, N, sizeof in[0], sizeof(struct res), 2, NULL, NULL, NULL);
+    wait_flag(&sh->started, 1);
+    pp_async_free(a);
+    atomic_store(&sh->release, 1);
+    WAIT_STAT(pool, cancelled, N - RUNNING);
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.completed, RUNNING);
+    pp_pool_free(pool);
+}
+
+/* A chunk of 32 is claimed two items at a time: the item after the running
+ * one is already taken when the cancel comes, runs after it, and crashes
+ * its worker. The items before the cut stay completed; the running one,
+ * which returned when asked, and the crashed one fail PP_ECANCELED, as a
+ * chunk that ends without a death would fail them. */
+Test(cancel, a_death_after_the_cut_fails_what_ran_after_the_cancel, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    enum { N = 32, RUNNING = 4 };
+    int in[N];
+    for (int i = 0; i < N; i++)
+        in[i] = i == RUNNING ? UNTIL_STOP : i == RUNNING + 1 ? CRASH : MARK;
+    pp_async *a =
+        pp_map_async(pool, task, in, N, sizeof in[0], sizeof(struct res), N, NULL, NULL, NULL);
+    wait_flag(&sh->started, 1);
+    cr_assert_eq(pp_async_cancel(a), 0);
+    struct res out[N];
+    pp_error err;
+    cr_assert_eq(pp_async_get(a, out, -1, &err), PP_ECANCELED);
+    cr_assert_eq(err.index, RUNNING);
+    cr_assert_eq(err.failed, N - RUNNING);
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.completed, RUNNING);
+    cr_assert_eq(st.cancelled, N - RUNNING);
+    cr_assert_eq(st.crashed, 0, "a cancelled item's death is the cancel's");
+    pp_async_free(a);
+    pp_pool_free(pool);
+}
+
+/* A chunk of 64 is claimed four items at a time: at the cancel the worker
+ * has taken three more after the running one. Each returns within the
+ * grace (50 ms of 100), together not: each gets its own, and the worker
+ * is not killed. */
+Test(cancel, items_taken_before_the_cancel_each_get_the_grace, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    enum { N = 64, RUNNING = 4 };
+    int in[N];
+    for (int i = 0; i < N; i++)
+        in[i] = i == RUNNING ? UNTIL_STOP : i > RUNNING && i < RUNNING + 4 ? NAP : MARK;
+    pp_async *a =
+        pp_map_async(pool, task, in, N, sizeof in[0], sizeof(struct res), N, NULL, NULL, NULL);
+    wait_flag(&sh->started, 1);
+    cr_assert_eq(pp_async_cancel(a), 0);
+    struct res out[N];
+    pp_error err;
+    cr_assert_eq(pp_async_get(a, out, -1, &err), PP_ECANCELED);
+    cr_assert_eq(err.index, RUNNING);
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.respawned, 0, "every task returned within its grace: %s", err.message);
+    cr_assert_eq(st.completed, RUNNING);
+    cr_assert_eq(st.cancelled, N - RUNNING);
+    pp_async_free(a);
     pp_pool_free(pool);
 }
 
