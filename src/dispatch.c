@@ -853,7 +853,7 @@ static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
         if (inline_guard) /* guard_broken compared it just now: intact */
             w->guard_ok[d - w->dealt] = d->canary;
         pp__copy_out(d, d->copied, d->piece.count, d->res_addr);
-        if (job->cancelled) {
+        if (job->cancelled && d->cut_taken) {
             /* It stopped cooperatively (or finished) after it was cancelled. */
             fail_after_cut(d);
         } else if (!job->complete) {
@@ -1142,9 +1142,10 @@ static void keep_before_cut(pp_pool *pool, int id, uint32_t pos, struct pp_dealt
     uint32_t k = atomic_load_explicit(&s->cur_item, memory_order_acquire);
     bool on_it = atomic_load_explicit(&s->busy, memory_order_acquire) &&
                  atomic_load_explicit(&s->cur_seq, memory_order_acquire) == pos;
-    pp__collect(pool, id);
+    pp__collect(pool, id); /* a DONE read here settles the entry as finished */
     if (d->done || d->withdrawn || d->piece.job->complete)
         return;
+    d->cut_taken = true;
     uint32_t cut = d->copied; /* a FAIL after them: they are finished */
     if (on_it && k > cut && k <= d->piece.count && guard_intact(pool, d)) {
         pp__copy_out(d, d->copied, k, d->res_addr);
@@ -1197,10 +1198,6 @@ static void withdraw_job(pp_pool *pool, struct pp_job *job, bool first_cancel)
 void pp__job_cancel_queued(struct pp_job *job)
 {
     pp_pool *pool = job->pool;
-    /* What finished before now settles as finished, not as cancelled. */
-    for (int id = 0; id < pool->nworkers; id++)
-        if (pool->w[id].state == PP_WS_READY || pool->w[id].state == PP_WS_EXITING)
-            pp__collect(pool, id);
     bool first = !job->cancelled;
     job->cancelled = true;
     pp__dequeue(pool, job);

@@ -91,6 +91,7 @@ struct pp_dealt {
     uint32_t run;            /* items per call of a batch task (worker.c run_batch) */
     int64_t posted_ns;       /* when it was dealt (the pump's clock) */
     bool results_in_place;   /* the worker wrote results straight to the caller */
+    bool cut_taken;          /* a cancel looked at it (keep_before_cut): `cut` holds */
     uint32_t cut;            /* cancelled: items before it had finished (resolved then) */
     unsigned char *canary;   /* after the results in our payload, or NULL */
     unsigned char *res_addr; /* where the worker wrote them */

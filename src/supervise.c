@@ -119,7 +119,7 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
     pp__copy_out(d, d->copied, k, d->res_addr);
     if (!job->complete) {
         uint32_t failed_before = d->nfail - (already_failed ? 1 : 0);
-        if (job->cancelled && d->cut < k) {
+        if (job->cancelled && d->cut_taken && d->cut < k) {
             /* Items after the cut ran after the cancel (already claimed):
              * they fail as settle_done fails them. Of them, nfail + nok -
              * cut failed by themselves (see keep_before_cut). */
