@@ -387,6 +387,29 @@ Test(cancel, freeing_early_counts_what_finished_as_completed, .init = setup, .fi
     pp_pool_free(pool);
 }
 
+/* Maps `in` (one chunk) on a one-worker pool, cancels it once an item
+ * has started, and checks that the items before `running` completed and
+ * the others failed PP_ECANCELED. Returns the pool's stats. */
+static pp_stats cancel_one_chunk(const int *in, int n, int running, pp_error *err)
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    pp_async *a = pp_map_async(pool, task, in, (size_t)n, sizeof in[0], sizeof(struct res),
+                               (size_t)n, NULL, NULL, NULL);
+    wait_flag(&sh->started, 1);
+    cr_assert_eq(pp_async_cancel(a), 0);
+    struct res out[64];
+    cr_assert_leq(n, 64);
+    cr_assert_eq(pp_async_get(a, out, -1, err), PP_ECANCELED);
+    cr_assert_eq(err->index, (size_t)running);
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.completed, (uint64_t)running);
+    cr_assert_eq(st.cancelled, (uint64_t)(n - running));
+    pp_async_free(a);
+    pp_pool_free(pool);
+    return st;
+}
+
 /* A chunk of 32 is claimed two items at a time: the item after the running
  * one is already taken when the cancel comes, runs after it, and crashes
  * its worker. The items before the cut stay completed; the running one,
@@ -395,27 +418,14 @@ Test(cancel, freeing_early_counts_what_finished_as_completed, .init = setup, .fi
 Test(cancel, a_death_after_the_cut_fails_what_ran_after_the_cancel, .init = setup, .fini = teardown,
      .timeout = PP_TEST_TIMEOUT(30))
 {
-    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     enum { N = 32, RUNNING = 4 };
     int in[N];
     for (int i = 0; i < N; i++)
         in[i] = i == RUNNING ? UNTIL_STOP : i == RUNNING + 1 ? CRASH : MARK;
-    pp_async *a =
-        pp_map_async(pool, task, in, N, sizeof in[0], sizeof(struct res), N, NULL, NULL, NULL);
-    wait_flag(&sh->started, 1);
-    cr_assert_eq(pp_async_cancel(a), 0);
-    struct res out[N];
     pp_error err;
-    cr_assert_eq(pp_async_get(a, out, -1, &err), PP_ECANCELED);
-    cr_assert_eq(err.index, RUNNING);
+    pp_stats st = cancel_one_chunk(in, N, RUNNING, &err);
     cr_assert_eq(err.failed, N - RUNNING);
-    pp_stats st;
-    pp_pool_stats(pool, &st);
-    cr_assert_eq(st.completed, RUNNING);
-    cr_assert_eq(st.cancelled, N - RUNNING);
     cr_assert_eq(st.crashed, 0, "a cancelled item's death is the cancel's");
-    pp_async_free(a);
-    pp_pool_free(pool);
 }
 
 /* A chunk of 64 is claimed four items at a time: at the cancel the worker
@@ -425,26 +435,13 @@ Test(cancel, a_death_after_the_cut_fails_what_ran_after_the_cancel, .init = setu
 Test(cancel, items_taken_before_the_cancel_each_get_the_grace, .init = setup, .fini = teardown,
      .timeout = PP_TEST_TIMEOUT(30))
 {
-    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
     enum { N = 64, RUNNING = 4 };
     int in[N];
     for (int i = 0; i < N; i++)
         in[i] = i == RUNNING ? UNTIL_STOP : i > RUNNING && i < RUNNING + 4 ? NAP : MARK;
-    pp_async *a =
-        pp_map_async(pool, task, in, N, sizeof in[0], sizeof(struct res), N, NULL, NULL, NULL);
-    wait_flag(&sh->started, 1);
-    cr_assert_eq(pp_async_cancel(a), 0);
-    struct res out[N];
     pp_error err;
-    cr_assert_eq(pp_async_get(a, out, -1, &err), PP_ECANCELED);
-    cr_assert_eq(err.index, RUNNING);
-    pp_stats st;
-    pp_pool_stats(pool, &st);
+    pp_stats st = cancel_one_chunk(in, N, RUNNING, &err);
     cr_assert_eq(st.respawned, 0, "every task returned within its grace: %s", err.message);
-    cr_assert_eq(st.completed, RUNNING);
-    cr_assert_eq(st.cancelled, N - RUNNING);
-    pp_async_free(a);
-    pp_pool_free(pool);
 }
 
 Test(cancel, chunk_keeps_finished_items_and_drops_the_rest, .init = setup, .fini = teardown,
