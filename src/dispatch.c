@@ -897,6 +897,15 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
         char text[PP_MSG_TEXT];
         memcpy(text, shared_text, sizeof text);
         text[sizeof text - 1] = '\0';
+        int code = msg_code(m->kind);
+        if (d->piece.job->cancelled && d->cut_taken && m->item >= d->cut) {
+            /* It failed after the cancel had reached it: the cancel stands,
+             * as pp_async_cancel promised when it returned 0. */
+            char own[PP_MSG_TEXT];
+            memcpy(own, text, sizeof own);
+            snprintf(text, sizeof text, "task cancelled; it then failed: %.200s", own);
+            code = PP_ECANCELED;
+        }
         /* NOTFOUND fails the rest of the chunk (our count, not the worker's). */
         uint32_t last = m->kind == PP_MSG_NOTFOUND ? d->piece.count - 1 : m->item;
         for (uint32_t item = m->item; item <= last; item++) {
@@ -905,8 +914,8 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
             /* A failed item's slot is left as it was: copy what precedes it. */
             pp__copy_out(d, d->copied, item, d->res_addr);
             d->copied = item + 1;
-            pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + item, msg_code(m->kind),
-                             m->status, text);
+            pp__resolve_fail(d->piece.job, d->piece.rec, d->piece.start + item, code, m->status,
+                             text);
         }
     }
 }

@@ -38,7 +38,7 @@ static void teardown(void)
     test_share("sh", NULL);
 }
 
-enum { MARK, HOLD, FOREVER, UNTIL_STOP, EXIT_WHEN_RELEASED, CRASH, NAP };
+enum { MARK, HOLD, FOREVER, UNTIL_STOP, EXIT_WHEN_RELEASED, CRASH, NAP, FAIL_ON_STOP };
 
 struct res {
     int value;
@@ -79,6 +79,11 @@ static int task(const void *arg, void *result)
     case CRASH:
         raise(SIGKILL);
         break;
+    case FAIL_ON_STOP:
+        atomic_fetch_add(&sh->started, 1);
+        while (!pp_task_should_stop())
+            usleep(1000);
+        return pp_fail(5, "asked to stop");
     case NAP: /* 50 ms, half the grace a cancelled task has to return */
         usleep(50000);
         break;
@@ -264,6 +269,30 @@ Test(cancel, a_death_seen_after_the_cancel_still_fails_it_cancelled, .init = set
         }
         pp_async_free(a);
     }
+    pp_pool_free(pool);
+}
+
+/* The task fails by itself once asked to stop: a cancel that said 0 still
+ * fails it PP_ECANCELED; its own message is kept in the error's. */
+Test(cancel, a_task_failing_after_the_cancel_fails_it_cancelled, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(30))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int mode = FAIL_ON_STOP;
+    pp_async *a =
+        pp_apply_async(pool, task, &mode, sizeof mode, sizeof(struct res), NULL, NULL, NULL);
+    wait_flag(&sh->started, 1);
+    cr_assert_eq(pp_async_cancel(a), 0);
+    struct res r;
+    pp_error err;
+    cr_assert_eq(pp_async_get(a, &r, -1, &err), PP_ECANCELED);
+    cr_assert(strstr(err.message, "cancelled") && strstr(err.message, "asked to stop"), "%s",
+              err.message);
+    pp_stats st;
+    pp_pool_stats(pool, &st);
+    cr_assert_eq(st.cancelled, 1);
+    cr_assert_eq(st.failed, 0);
+    pp_async_free(a);
     pp_pool_free(pool);
 }
 
