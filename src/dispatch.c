@@ -853,7 +853,7 @@ static void settle_done(pp_pool *pool, struct pp_worker *w, struct pp_dealt *d)
         if (inline_guard) /* guard_broken compared it just now: intact */
             w->guard_ok[d - w->dealt] = d->canary;
         pp__copy_out(d, d->copied, d->piece.count, d->res_addr);
-        if (job->cancelled && d->cut_taken) {
+        if (pp__cut_holds(d)) {
             /* It stopped cooperatively (or finished) after it was cancelled. */
             fail_after_cut(d);
         } else if (!job->complete) {
@@ -898,7 +898,7 @@ static void on_message(pp_pool *pool, struct pp_worker *w, const struct pp_msg *
         memcpy(text, shared_text, sizeof text);
         text[sizeof text - 1] = '\0';
         int code = msg_code(m->kind);
-        if (d->piece.job->cancelled && d->cut_taken && m->item >= d->cut) {
+        if (pp__cut_holds(d) && m->item >= d->cut) {
             /* It failed after the cancel had reached it: the cancel stands,
              * as pp_async_cancel promised when it returned 0. */
             char own[PP_MSG_TEXT];

@@ -97,6 +97,14 @@ struct pp_dealt {
     unsigned char *res_addr; /* where the worker wrote them */
 };
 
+/* Whether a cancel reached this entry of a cancelled job (keep_before_cut):
+ * then its items from `cut` on, however they end (returned, failed, died),
+ * fail PP_ECANCELED, and those before it count as they ended. */
+static inline bool pp__cut_holds(const struct pp_dealt *d)
+{
+    return d->piece.job->cancelled && d->cut_taken;
+}
+
 enum pp_wstate {
     PP_WS_DOWN = 0, /* no process (not started, dead and not replaced) */
     PP_WS_STARTING, /* spawned or asked for, initializer not finished */

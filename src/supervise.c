@@ -109,7 +109,7 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
     struct pp_job *job = p->job;
     bool already_failed = d->nfail > 0 && d->last_fail == k;
     char cancelled[PP_MSG_TEXT];
-    if (code == PP_ECRASH && job->cancelled) {
+    if (code == PP_ECRASH && pp__cut_holds(d) && k >= d->cut) {
         /* It died by itself after pp_async_cancel said 0 but before we saw
          * the death: the cancel stands, as that call promised. */
         snprintf(cancelled, sizeof cancelled, "task cancelled; %s", why);
@@ -119,7 +119,7 @@ static bool settle_running(pp_pool *pool, struct pp_dealt *d, uint32_t k, int co
     pp__copy_out(d, d->copied, k, d->res_addr);
     if (!job->complete) {
         uint32_t failed_before = d->nfail - (already_failed ? 1 : 0);
-        if (job->cancelled && d->cut_taken && d->cut < k) {
+        if (pp__cut_holds(d) && d->cut < k) {
             /* Items after the cut ran after the cancel (already claimed):
              * they fail as settle_done fails them. Of them, nfail + nok -
              * cut failed by themselves (see keep_before_cut). */
