@@ -23,7 +23,7 @@ turns=" procpool procpool-static pthread serial " # the sides that take turns ru
 # Seconds one workload of one side may take: a sound side needs a fraction.
 limit_for() {
     case $1 in
-    6) echo "${PP_BENCH_TIMEOUT:-120}" ;;
+    3 | 4 | 6) echo "${PP_BENCH_TIMEOUT:-120}" ;; # 3, 4: Pool on 200,000 tasks, 30-40 s
     7) echo "${PP_BENCH_TIMEOUT:-20}" ;;
     *) echo "${PP_BENCH_TIMEOUT:-60}" ;;
     esac
