@@ -88,6 +88,7 @@ void pp__resolve_fail(struct pp_job *job, struct pp_chunkrec *rec, size_t index,
             *job->err = e;
     }
     count_failure(job->pool, code);
+    job->some_cancelled |= code == PP_ECANCELED;
     if (rec != NULL)
         pp__iter_fail(rec, index, &e);
 }
@@ -1249,6 +1250,11 @@ int pp__job_cancel(struct pp_job *job)
     if (job->complete)
         return -EALREADY;
     pp__job_cancel_queued(job);
+    /* A worker may have finished the last of it since the pump: its DONE,
+     * read on the way (keep_before_cut), ended the job with nothing
+     * cancelled. */
+    if (job->complete && !job->some_cancelled)
+        return -EALREADY;
     /* What is left of it in the inboxes was claimed: it is running, or about
      * to. pp_task_should_stop() turns true there; past the grace period the
      * worker is killed (pp__check_timeouts). */

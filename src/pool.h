@@ -56,6 +56,7 @@ struct pp_job {
     bool in_callbacks;       /* its callbacks are running now */
     bool streaming;          /* an iterator job: never complete, no pool hold */
     bool queued;             /* in the pool's queue (qnext) */
+    bool some_cancelled;     /* an item of it failed PP_ECANCELED */
     pp_callback *callback;
     pp_error_callback *error_callback;
     void *userdata;

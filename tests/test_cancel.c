@@ -23,6 +23,7 @@ struct shared {
     _Atomic int observed_stop; /* a task saw pp_task_should_stop() */
     _Atomic int pid;           /* the last held task's worker */
     _Atomic int pulled;        /* items taken from a source */
+    _Atomic int linger_ns;     /* how long a LINGER task runs on after it starts */
 };
 #define sh (*(struct shared **)test_global("sh")) /* seen by spawned workers too */
 
@@ -38,7 +39,7 @@ static void teardown(void)
     test_share("sh", NULL);
 }
 
-enum { MARK, HOLD, FOREVER, UNTIL_STOP, EXIT_WHEN_RELEASED, CRASH, NAP, FAIL_ON_STOP };
+enum { MARK, HOLD, FOREVER, UNTIL_STOP, EXIT_WHEN_RELEASED, CRASH, NAP, FAIL_ON_STOP, LINGER };
 
 struct res {
     int value;
@@ -84,6 +85,16 @@ static int task(const void *arg, void *result)
         while (!pp_task_should_stop())
             usleep(1000);
         return pp_fail(5, "asked to stop");
+    case LINGER: { /* says it started, returns linger_ns later */
+        struct timespec t0, t;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        atomic_fetch_add(&sh->started, 1);
+        do
+            clock_gettime(CLOCK_MONOTONIC, &t);
+        while ((t.tv_sec - t0.tv_sec) * 1000000000L + t.tv_nsec - t0.tv_nsec <
+               atomic_load(&sh->linger_ns));
+        break;
+    }
     case NAP: /* 50 ms, half the grace a cancelled task has to return */
         usleep(50000);
         break;
@@ -315,6 +326,38 @@ Test(cancel, finished_task_is_ealready, .init = setup, .fini = teardown,
     cr_assert_eq(st.cancelled, 0);
     cr_assert_eq(st.completed, 1);
     pp_async_free(a);
+    pp_pool_free(pool);
+}
+
+/* A task that returns while pp_async_cancel runs: its DONE may be read
+ * after the cancel's first look. Whatever the moment, the return value says
+ * how the apply ended. Without the check after the cancel, 1-2 % of the
+ * tries said 0 and then succeeded (the task returning 0-16 us after the
+ * parent sees it start). */
+Test(cancel, a_cancel_racing_the_end_says_how_it_ended, .init = setup, .fini = teardown,
+     .timeout = PP_TEST_TIMEOUT(60))
+{
+    pp_pool *pool = pp_pool_new(&(pp_options){.workers = 1});
+    int mode = LINGER, counts[2] = {0, 0};
+    for (int i = 0; i < 4000; i++) {
+        atomic_store(&sh->started, 0);
+        atomic_store(&sh->linger_ns, (i % 64) * 250);
+        pp_async *a =
+            pp_apply_async(pool, task, &mode, sizeof mode, sizeof(struct res), NULL, NULL, NULL);
+        cr_assert_not_null(a);
+        double end = now() + 10;
+        while (atomic_load(&sh->started) == 0) /* no sleep: the race is microseconds wide */
+            cr_assert(now() < end, "the task never started");
+        int crc = pp_async_cancel(a);
+        struct res r;
+        int g = pp_async_get(a, &r, -1, NULL);
+        cr_assert(crc == 0 || crc == -EALREADY, "try %d: cancel said %d", i, crc);
+        cr_assert_eq(g, crc == 0 ? PP_ECANCELED : 0,
+                     "try %d: pp_async_cancel said %d, then pp_async_get %d", i, crc, g);
+        counts[crc == 0]++;
+        pp_async_free(a);
+    }
+    cr_log_info("cancelled %d, already complete %d", counts[1], counts[0]);
     pp_pool_free(pool);
 }
 
