@@ -445,13 +445,16 @@ pp_barrier *pp_barrier_new(unsigned parties)
         return NULL;
     }
     size_t nslots = 2 * (size_t)parties; /* this generation's and the last one's */
-    size_t size =
-        sizeof(pp_barrier) + nslots * sizeof(pthread_mutex_t) + parties * sizeof(uint32_t);
+    size_t size = sizeof(pp_barrier) + nslots * sizeof(pthread_mutex_t) +
+                  parties * sizeof(uint32_t) + nslots * sizeof(uint32_t);
     pp_barrier *b = pp_shm_alloc(size);
     if (!b)
         return NULL;
     b->parties = parties;
     b->slot_of = (uint32_t *)(b->slot + nslots);
+    b->slot_outcome = (_Atomic uint32_t *)(b->slot_of + parties);
+    for (unsigned i = 0; i < parties; i++)
+        b->slot_of[i] = NO_SLOT;
     int rc = pp__mutex_init(&b->mu, PTHREAD_MUTEX_NORMAL);
     for (size_t i = 0; rc == 0 && i < nslots; i++)
         rc = pp__mutex_init(&b->slot[i], PTHREAD_MUTEX_ERRORCHECK);
@@ -474,11 +477,20 @@ static void barrier_break(pp_barrier *b)
     }
 }
 
-/* Ends the current generation: tripped, or reset. mu held. */
+/* Ends the current generation: tripped, or reset. Its waiters' entries of
+ * slot_of are cleared, so that none is read in a later generation (the last
+ * arrival, and one that died before it took a slot, never set theirs). mu
+ * held. */
 static void barrier_next(pp_barrier *b, bool tripped)
 {
-    uint32_t g = atomic_load(&b->word) >> 1;
-    atomic_store(&b->outcome[g % PP_BARRIER_HISTORY], g << 1 | tripped);
+    uint32_t g = atomic_load(&b->word) >> 1, ended = g << 1 | tripped;
+    atomic_store(&b->outcome[g % PP_BARRIER_HISTORY], ended);
+    uint32_t n = atomic_load(&b->count);
+    for (uint32_t i = 0; i < n && i < b->parties; i++) {
+        if (b->slot_of[i] != NO_SLOT)
+            atomic_store(&b->slot_outcome[b->slot_of[i]], ended);
+        b->slot_of[i] = NO_SLOT;
+    }
     atomic_store(&b->count, 0);
     atomic_store(&b->word, (g + 1) << 1);
     pp__futex_wake(&b->word, INT_MAX);
@@ -586,11 +598,13 @@ int pp_barrier_wait(pp_barrier *b, double timeout)
         if (w != gen << 1)
             break;
     }
+    /* Read while the slot is still ours: nobody else's generation writes it. */
+    uint32_t o = slot != NO_SLOT ? atomic_load(&b->slot_outcome[slot])
+                                 : atomic_load(&b->outcome[gen % PP_BARRIER_HISTORY]);
     if (slot != NO_SLOT)
         pthread_mutex_unlock(&b->slot[slot]);
     if (w >> 1 == gen) /* still this generation: broken */
         return PP_EBROKEN;
-    uint32_t o = atomic_load(&b->outcome[gen % PP_BARRIER_HISTORY]);
     return o == (gen << 1 | 1) ? (int)idx : PP_EBROKEN;
 }
 

@@ -49,7 +49,12 @@ struct pp_barrier {
     /* outcome[g % HISTORY], written when generation g ends:
      * g << 1 | 1 when it tripped, g << 1 when it was reset */
     _Atomic uint32_t outcome[PP_BARRIER_HISTORY];
-    uint32_t *slot_of;      /* [parties]: the slot each waiter of this generation holds */
+    uint32_t *slot_of; /* [parties]: the slot each waiter of this generation holds */
+    /* [2 * parties]: how the generation of the waiter holding each slot
+     * ended (as outcome[]), written before its waiters wake: a waiter that
+     * runs again only after PP_BARRIER_HISTORY more generations finds its
+     * own there. outcome[] serves a waiter that found no free slot. */
+    _Atomic uint32_t *slot_outcome;
     pthread_mutex_t slot[]; /* [2 * parties]: a waiter holds one while it waits, so
                                that its death shows as EOWNERDEAD to the others */
 };

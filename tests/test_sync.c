@@ -501,6 +501,39 @@ Test(barrier, reset_breaks_current_waiters, .timeout = PP_TEST_TIMEOUT(20))
     pp_barrier_free(b);
 }
 
+/* A party whose round tripped, and which runs again only after many more
+ * rounds ended (a stopped or descheduled process), still gets its arrival
+ * index. It read how its round ended from a history of 64 rounds, which the
+ * later ones had written over: PP_EBROKEN. */
+Test(barrier, a_party_that_runs_again_late_still_sees_its_round_trip,
+     .timeout = PP_TEST_TIMEOUT(20))
+{
+    pp_barrier *b = pp_barrier_new(2);
+    struct pp_barrier *raw = (struct pp_barrier *)b;
+    pid_t late = th_fork();
+    if (late == 0)
+        _exit(pp_barrier_wait(b, -1) == 0 ? 0 : 1);
+    th_wait_word(&raw->count, 1);
+    th_wait_futex_sleep(late); /* out of the barrier's lock, waiting */
+    cr_assert_eq(kill(late, SIGSTOP), 0);
+    cr_assert_eq(pp_barrier_wait(b, 5), 1, "trips the late party's round");
+    pid_t other = th_fork(); /* 100 more rounds with a third process */
+    if (other == 0) {
+        for (int r = 0; r < 100; r++)
+            if (pp_barrier_wait(b, 5) < 0)
+                _exit(1);
+        _exit(0);
+    }
+    for (int r = 0; r < 100; r++)
+        cr_assert_geq(pp_barrier_wait(b, 5), 0, "round %d", r);
+    cr_assert_eq(th_wait(other), 0);
+    for (int r = 0; r < 100; r++) /* and 100 that end by a reset */
+        cr_assert_eq(pp_barrier_reset(b), 0);
+    cr_assert_eq(kill(late, SIGCONT), 0);
+    cr_assert_eq(th_wait(late), 0, "its round tripped: arrival index 0, not PP_EBROKEN");
+    pp_barrier_free(b);
+}
+
 /* ---- Bad input ------------------------------------------------------------ */
 
 Test(sync, null_objects_and_bad_arguments, .timeout = PP_TEST_TIMEOUT(20))
