@@ -15,7 +15,10 @@
  * mutex, so every change is made crash-consistent:
  *  - small objects (size classes up to 2 KiB) sit on per-class free lists of
  *    arena offsets; a pop or a push is committed by one store to the list
- *    head, so a death mid-way at worst leaks one object;
+ *    head, so a death mid-way at worst leaks one object. A free object holds
+ *    its link and a mark (free_mark), so that pp_shm_free of one that is
+ *    already free (never handed out, or freed twice) is ignored, not pushed
+ *    again, which would hand it out twice;
  *  - page runs (big blocks, and the 64 KiB slabs that feed the free lists) are
  *    tracked by a bitmap plus a per-page info word; each run operation first
  *    writes an intent record, and the next process to take the mutex (it gets
@@ -36,6 +39,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #define ARENA_MAGIC   0x707061726e613031ULL /* "pparna01" */
@@ -69,6 +73,7 @@ struct arena {
     uint64_t npages;   /* pages in the data area */
     uint64_t bm_off;   /* offset of the bitmap: 1 bit a page, set = in use */
     uint64_t info_off; /* offset of the info words: one uint32_t a page */
+    uint64_t key;      /* free_mark's: random, set at creation */
     pthread_mutex_t mu;
     uint64_t hint;                /* no page below it is free */
     uint64_t free_head[NCLASSES]; /* offset of the first free object, 0 = none */
@@ -106,6 +111,23 @@ static inline uint32_t *info(struct arena *a)
 static inline char *page_addr(struct arena *a, uint64_t page)
 {
     return (char *)a + a->data_off + (page << a->shift);
+}
+
+/* The second word of the free small object at offset `off`. A live object
+ * holding it by chance (1 in 2^64, with a random key) would leak when freed,
+ * never be handed out twice. */
+static inline uint64_t free_mark(const struct arena *a, uint64_t off)
+{
+    return off * 0x9e3779b97f4a7c15ULL ^ a->key;
+}
+
+/* Makes the small object at `obj` free, linked to `next` (an offset, 0 for
+ * none). Both words fit the smallest class. */
+static inline void mark_free(struct arena *a, char *obj, uint64_t next)
+{
+    uint64_t *w = (uint64_t *)obj;
+    w[0] = next;
+    w[1] = free_mark(a, (uint64_t)(obj - (char *)a));
 }
 
 static void bits_set(struct arena *a, uint64_t page, uint64_t n, bool on)
@@ -249,9 +271,8 @@ static int refill(struct arena *a, unsigned c)
         info(a)[page + i] = SLAB_BIT | (uint32_t)c << 24 | (uint32_t)i;
     char *p = page_addr(a, page);
     size_t size = class_size[c], count = ((size_t)n << a->shift) / size;
-    for (size_t i = 0; i + 1 < count; i++)
-        *(uint64_t *)(p + i * size) = (uint64_t)(p + (i + 1) * size - (char *)a);
-    /* the last object's link is already 0: free pages read as zero */
+    for (size_t i = 0; i < count; i++)
+        mark_free(a, p + i * size, i + 1 < count ? (uint64_t)(p + (i + 1) * size - (char *)a) : 0);
     COMMIT();
     a->free_head[c] = (uint64_t)(p - (char *)a);
     COMMIT();
@@ -325,6 +346,8 @@ static int arena_create(void)
     }
     struct arena *a = m;
     uint64_t page = (uint64_t)1 << shift, total = size >> shift;
+    if (getrandom(&a->key, sizeof a->key, GRND_NONBLOCK) != (ssize_t)sizeof a->key)
+        a->key = (uint64_t)pp__now_ns() ^ (uint64_t)getpid() << 32 ^ (uint64_t)(uintptr_t)m;
     a->magic = ARENA_MAGIC;
     a->size = size;
     a->shift = shift;
@@ -462,8 +485,10 @@ void *pp_shm_alloc(size_t size)
 
 /* Gives back memory from pp_shm_alloc, in any process of the family (not
  * necessarily the one that allocated it). NULL, and pointers that are not
- * the start of a live allocation in the arena, are ignored. Freeing twice is
- * undefined, as with free(). A big block's memory goes back to the system. */
+ * the start of a live allocation in the arena (a block still free among
+ * them), are ignored. A block freed, handed out again and then freed a
+ * second time is the new owner's loss, as with free(). A big block's memory
+ * goes back to the system. */
 void pp_shm_free(void *p)
 {
     struct arena *a = arena();
@@ -477,12 +502,20 @@ void pp_shm_free(void *p)
     if (v & SLAB_BIT) {
         unsigned c = INFO_CLASS(v);
         uint64_t slab = page - INFO_INDEX(v);
-        if (c >= NCLASSES || (char *)p < page_addr(a, slab) ||
-            (uint64_t)((char *)p - page_addr(a, slab)) % class_size[c] != 0)
+        if (c >= NCLASSES || (char *)p < page_addr(a, slab))
+            return;
+        /* An object's start, and not in the slab's tail, which no object fills */
+        uint64_t at = (uint64_t)((char *)p - page_addr(a, slab));
+        if (at % class_size[c] != 0 ||
+            at / class_size[c] >= (SLAB_PAGES << a->shift) / class_size[c])
             return;
         if (arena_lock(a) != 0)
             return;
-        *(uint64_t *)p = a->free_head[c];
+        if (((uint64_t *)p)[1] == free_mark(a, off)) { /* free already */
+            pthread_mutex_unlock(&a->mu);
+            return;
+        }
+        mark_free(a, p, a->free_head[c]);
         COMMIT();
         a->free_head[c] = off; /* the commit: one store */
         pthread_mutex_unlock(&a->mu);

@@ -96,6 +96,33 @@ Test(shm, bad_input_is_refused_without_a_crash, .timeout = PP_TEST_TIMEOUT(20))
     pp_shm_free(big);
 }
 
+/* A small block freed twice is caught while it stays free; a pointer into a
+ * slab's tail (48-byte objects: 1365 fill a 64 KiB slab, 16 bytes are left)
+ * is no block at all. Before, both went onto the free list: the block was
+ * handed out twice, and the tail's "block" ran into the next page, over a
+ * live block. */
+Test(shm, free_ignores_free_blocks_and_slab_tails, .timeout = PP_TEST_TIMEOUT(20))
+{
+    char *keep = pp_shm_alloc(100), *twice = pp_shm_alloc(100);
+    pp_shm_free(twice);
+    pp_shm_free(twice);
+    char *r1 = pp_shm_alloc(100), *r2 = pp_shm_alloc(100);
+    cr_assert(r1 != r2, "one block handed out twice");
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    char *slab = pp_shm_alloc(48);
+    cr_assert_eq((uintptr_t)slab % page, 0, "the first 48-byte block starts a fresh slab");
+    char *next = pp_shm_alloc(2 * page);
+    memset(next, 0xab, 2 * page);
+    char *tail = slab + (16 * page / 48) * 48;
+    pp_shm_free(tail);
+    for (size_t i = 1; i < 16 * page / 48; i++) /* the rest of the slab, and one more */
+        cr_assert(pp_shm_alloc(48) != tail);
+    cr_assert(pp_shm_alloc(48) != tail);
+    for (size_t i = 0; i < 2 * page; i++)
+        cr_assert_eq((unsigned char)next[i], 0xab, "byte %zu of a live block changed", i);
+    pp_shm_free(keep);
+}
+
 Test(shm, default_reserve_takes_one_huge_block, .timeout = PP_TEST_TIMEOUT(20))
 {
     /* 4 GiB reserved by default; one allocation may take nearly all of it,
