@@ -487,8 +487,8 @@ void *pp_shm_alloc(size_t size)
  * necessarily the one that allocated it). NULL, and pointers that are not
  * the start of a live allocation in the arena (a block still free among
  * them), are ignored. A block freed, handed out again and then freed a
- * second time is the new owner's loss, as with free(). A big block's memory
- * goes back to the system. */
+ * second time is the new owner's loss, as with free(). The memory of a
+ * block of MEMSET_PAGES pages or more goes back to the system. */
 void pp_shm_free(void *p)
 {
     struct arena *a = arena();
