@@ -563,9 +563,15 @@ int pp_barrier_wait(pp_barrier *b, double timeout)
     }
     uint32_t idx = atomic_fetch_add(&b->count, 1);
     if (idx + 1 >= b->parties) {
-        barrier_next(b, true);
+        /* A waiter that died would not be at the next round, which would
+         * then wait for it for ever: this round breaks instead. */
+        bool dead = barrier_dead_party(b, idx);
+        if (dead)
+            barrier_break(b);
+        else
+            barrier_next(b, true);
         pthread_mutex_unlock(&b->mu);
-        return (int)idx;
+        return dead ? PP_EBROKEN : (int)idx;
     }
     bool dead = false;
     uint32_t slot = barrier_take_slot(b, idx, &dead);

@@ -488,6 +488,31 @@ Test(barrier, a_party_killed_while_waiting_breaks_it, .timeout = PP_TEST_TIMEOUT
     pp_barrier_free(b);
 }
 
+/* The last party to arrive finds a waiter dead: the round breaks. Tripped,
+ * it let the survivors on to a round the dead party never comes to. */
+Test(barrier, the_last_arrival_finds_a_dead_waiter_and_breaks_it, .timeout = PP_TEST_TIMEOUT(20))
+{
+    pp_barrier *b = pp_barrier_new(2);
+    struct pp_barrier *raw = (struct pp_barrier *)b;
+    pid_t pid = th_fork();
+    if (pid == 0) {
+        pp_barrier_wait(b, -1);
+        _exit(0);
+    }
+    th_wait_word(&raw->count, 1);
+    th_wait_futex_sleep(pid); /* waiting, its watch slot held */
+    th_kill(pid);
+    cr_assert_eq(pp_barrier_wait(b, 5), PP_EBROKEN, "the dead party's round passes");
+    cr_assert_eq(pp_barrier_wait(b, 0), PP_EBROKEN, "stays broken");
+    cr_assert_eq(pp_barrier_reset(b), 0);
+    pid = th_fork();
+    if (pid == 0)
+        _exit(pp_barrier_wait(b, 5) >= 0 ? 0 : 1);
+    cr_assert_geq(pp_barrier_wait(b, 5), 0, "works after reset");
+    cr_assert_eq(th_wait(pid), 0);
+    pp_barrier_free(b);
+}
+
 Test(barrier, reset_breaks_current_waiters, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_barrier *b = pp_barrier_new(2);
