@@ -48,6 +48,13 @@ struct res {
     int polls;
 };
 
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static int task(const void *arg, void *result)
 {
     int mode = *(const int *)arg;
@@ -86,13 +93,10 @@ static int task(const void *arg, void *result)
             usleep(1000);
         return pp_fail(5, "asked to stop");
     case LINGER: { /* says it started, returns linger_ns later */
-        struct timespec t0, t;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
+        double end = now() + atomic_load(&sh->linger_ns) * 1e-9;
         atomic_fetch_add(&sh->started, 1);
-        do
-            clock_gettime(CLOCK_MONOTONIC, &t);
-        while ((t.tv_sec - t0.tv_sec) * 1000000000L + t.tv_nsec - t0.tv_nsec <
-               atomic_load(&sh->linger_ns));
+        while (now() < end)
+            ;
         break;
     }
     case NAP: /* 50 ms, half the grace a cancelled task has to return */
@@ -106,13 +110,6 @@ static int task(const void *arg, void *result)
     }
     r->value = mode * 10 + 7;
     return 0;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 /* Polls the pool's stats until `field` reaches `value`, or 20 s pass. */

@@ -463,28 +463,41 @@ Test(barrier, a_waiters_timeout_breaks_it_for_the_others, .timeout = PP_TEST_TIM
     pp_barrier_free(b);
 }
 
-Test(barrier, a_party_killed_while_waiting_breaks_it, .timeout = PP_TEST_TIMEOUT(20))
+/* Forks a party that arrives at b and waits, then kills it while it waits,
+ * its watch slot held. */
+static void kill_a_waiter(pp_barrier *b)
 {
-    pp_barrier *b = pp_barrier_new(3);
-    struct pp_barrier *raw = (struct pp_barrier *)b;
     pid_t pid = th_fork();
     if (pid == 0) {
         pp_barrier_wait(b, -1);
         _exit(0);
     }
-    th_wait_word(&raw->count, 1); /* it has arrived and waits */
+    th_wait_word(&((struct pp_barrier *)b)->count, 1); /* it has arrived */
+    th_wait_futex_sleep(pid);                          /* and waits */
     th_kill(pid);
+}
+
+/* Asserts that a round of b's `parties` parties (this process and children)
+ * passes. */
+static void assert_a_round_passes(pp_barrier *b, int parties)
+{
+    pid_t pid[8];
+    cr_assert_leq(parties, 9);
+    for (int i = 0; i < parties - 1; i++)
+        if ((pid[i] = th_fork()) == 0)
+            _exit(pp_barrier_wait(b, 5) >= 0 ? 0 : 1);
+    cr_assert_geq(pp_barrier_wait(b, 5), 0, "works after reset");
+    for (int i = 0; i < parties - 1; i++)
+        cr_assert_eq(th_wait(pid[i]), 0);
+}
+
+Test(barrier, a_party_killed_while_waiting_breaks_it, .timeout = PP_TEST_TIMEOUT(20))
+{
+    pp_barrier *b = pp_barrier_new(3);
+    kill_a_waiter(b);
     cr_assert_eq(pp_barrier_wait(b, -1), PP_EBROKEN, "no hang: the dead party is seen");
     cr_assert_eq(pp_barrier_reset(b), 0);
-    pid = th_fork();
-    if (pid == 0)
-        _exit(pp_barrier_wait(b, 5) >= 0 ? 0 : 1);
-    pid_t pid2 = th_fork();
-    if (pid2 == 0)
-        _exit(pp_barrier_wait(b, 5) >= 0 ? 0 : 1);
-    cr_assert_geq(pp_barrier_wait(b, 5), 0, "works after reset");
-    cr_assert_eq(th_wait(pid), 0);
-    cr_assert_eq(th_wait(pid2), 0);
+    assert_a_round_passes(b, 3);
     pp_barrier_free(b);
 }
 
@@ -493,23 +506,11 @@ Test(barrier, a_party_killed_while_waiting_breaks_it, .timeout = PP_TEST_TIMEOUT
 Test(barrier, the_last_arrival_finds_a_dead_waiter_and_breaks_it, .timeout = PP_TEST_TIMEOUT(20))
 {
     pp_barrier *b = pp_barrier_new(2);
-    struct pp_barrier *raw = (struct pp_barrier *)b;
-    pid_t pid = th_fork();
-    if (pid == 0) {
-        pp_barrier_wait(b, -1);
-        _exit(0);
-    }
-    th_wait_word(&raw->count, 1);
-    th_wait_futex_sleep(pid); /* waiting, its watch slot held */
-    th_kill(pid);
+    kill_a_waiter(b);
     cr_assert_eq(pp_barrier_wait(b, 5), PP_EBROKEN, "the dead party's round passes");
     cr_assert_eq(pp_barrier_wait(b, 0), PP_EBROKEN, "stays broken");
     cr_assert_eq(pp_barrier_reset(b), 0);
-    pid = th_fork();
-    if (pid == 0)
-        _exit(pp_barrier_wait(b, 5) >= 0 ? 0 : 1);
-    cr_assert_geq(pp_barrier_wait(b, 5), 0, "works after reset");
-    cr_assert_eq(th_wait(pid), 0);
+    assert_a_round_passes(b, 2);
     pp_barrier_free(b);
 }
 
